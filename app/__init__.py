@@ -1,0 +1,1 @@
+"""The rdserve service: HTTP API, worker, cache, metrics.  Calls into ``models`` for all math."""

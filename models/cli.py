@@ -1,0 +1,306 @@
+"""Offline commands of the ``rdserve`` CLI: fit, embed, info, import-reference.
+
+The service commands (serve, worker) are added by ``app.cli``; this module knows no HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from models.artifact import Artifact, ArtifactError, load_artifact, save_artifact
+from models.embedder import Embedder
+from models.extract import Pooling
+from models.families import WeightsUnavailableError, build_chain, family_class
+from models.families.base import LevelMismatchError
+from models.fit import fit_artifact
+from models.rd import Regressor
+from models.reference import import_reference
+from models.sequences import LongSequencePolicy, SequenceError, clean_sequences, read_fasta
+
+cli = typer.Typer(
+    name="rdserve",
+    help="Reverse-distilled protein language model embeddings: fit, embed, serve.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto")]
+DtypeOpt = Annotated[
+    str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
+]
+BudgetOpt = Annotated[int, typer.Option(help="tokens per batch, padding included")]
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print one clear error line and return an Exit to raise."""
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn expected failures into one-line messages and exit code 2 (no tracebacks)."""
+    try:
+        yield
+    except (ArtifactError, SequenceError, LevelMismatchError, WeightsUnavailableError) as e:
+        raise fail(str(e)) from None
+    except (ValueError, FileNotFoundError) as e:
+        raise fail(str(e)) from None
+
+
+def progress_bar() -> Progress:
+    """A rich progress bar on stderr (stdout stays clean for data)."""
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[residues]:,} residues"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=False,
+    )
+
+
+def split_models(models: str, family: str) -> list[str]:
+    """Split a comma list; for ESM-2, ``--levels 8M,35M`` shorthands resolve to hub ids."""
+    refs = [m.strip() for m in models.split(",") if m.strip()]
+    if not refs:
+        raise ValueError("no models given")
+    family_class(family)
+    return refs
+
+
+def read_sequences(fasta: Path, max_seqs: int | None = None) -> tuple[list[str], list[str]]:
+    """(ids, validated sequences) of a FASTA file, in file order."""
+    records = read_fasta(fasta, max_seqs)
+    if not records:
+        raise ValueError(f"{fasta}: no sequences")
+    ids = [r[0] for r in records]
+    try:
+        seqs = clean_sequences(r[1] for r in records)
+    except SequenceError as e:
+        raise SequenceError(e.index, f"({ids[e.index]}) {e.reason}", e.position, e.char) from None
+    return ids, seqs
+
+
+def run_fit(
+    family_name: str,
+    refs: list[str],
+    seqs: list[str],
+    *,
+    regressor: Regressor = Regressor.pcr,
+    alpha: float = 1.0,
+    revision: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    token_budget: int = 8192,
+    policy: LongSequencePolicy = LongSequencePolicy.truncate,
+    source: str | None = None,
+) -> Artifact:
+    """Fit an artifact with a progress bar (shared by `rdserve fit` and first-start fitting)."""
+    family = build_chain(family_name, models=refs, revision=revision, device=device, dtype=dtype)
+    names = " → ".join(f"{lv.name} ({lv.dim})" for lv in family.levels)
+    err.print(f"fitting {family.name}: {names} on {len(seqs):,} sequences, regressor {regressor}")
+    with progress_bar() as bar:
+        task = bar.add_task("fit", total=len(seqs), residues=0)
+        done = {"res": 0}
+
+        def tick(n_seqs: int, n_res: int) -> None:
+            done["res"] += n_res
+            bar.update(task, advance=n_seqs, residues=done["res"])
+
+        return fit_artifact(family, seqs, regressor, alpha, token_budget, policy, tick, source)
+
+
+@cli.command()
+def fit(
+    fasta: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="fitting sequences")],
+    out: Annotated[Path, typer.Option(help="artifact path (.safetensors)")],
+    family: Annotated[str, typer.Option(help="model family")] = "esm2",
+    models: Annotated[
+        str | None, typer.Option(help="comma list, smallest first: hub ids or dirs")
+    ] = None,
+    levels: Annotated[str | None, typer.Option(help="ESM-2 shorthand, e.g. 8M,35M,150M")] = None,
+    revision: Annotated[str | None, typer.Option(help="hub revision for every model")] = None,
+    max_seqs: Annotated[int | None, typer.Option(help="use the first N sequences")] = None,
+    regressor: Annotated[Regressor, typer.Option(help="regressor of each step")] = Regressor.pcr,
+    alpha: Annotated[float, typer.Option(help="ridge penalty")] = 1.0,
+    long_sequence_policy: Annotated[
+        LongSequencePolicy, typer.Option()
+    ] = LongSequencePolicy.truncate,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    token_budget: BudgetOpt = 8192,
+) -> None:
+    """Fit the projection artifact of a chain on a FASTA file."""
+    with user_errors():
+        spec = models or levels
+        if not spec:
+            raise ValueError("give --models (hub ids or local dirs) or --levels (ESM-2 shorthands)")
+        refs = split_models(spec, family)
+        _, seqs = read_sequences(fasta, max_seqs)
+        art = run_fit(
+            family,
+            refs,
+            seqs,
+            regressor=regressor,
+            alpha=alpha,
+            revision=revision,
+            device=device,
+            dtype=dtype,
+            token_budget=token_budget,
+            policy=long_sequence_policy,
+            source=fasta.name,
+        )
+        art = save_artifact(art, out)
+    print_info(art, out)
+
+
+def load_embedder(
+    artifact: Path, models: str | None, device: str, dtype: str, token_budget: int
+) -> Embedder:
+    """Artifact + the chain its metadata names (or --models overrides)."""
+    art = load_artifact(artifact)
+    if models:
+        family = build_chain(
+            art.family, models=split_models(models, art.family), device=device, dtype=dtype
+        )
+    else:
+        family = build_chain(art.family, levels=list(art.levels), device=device, dtype=dtype)
+    return Embedder(family, art, token_budget=token_budget)
+
+
+@cli.command()
+def embed(
+    artifact: Annotated[Path, typer.Option(help="projection artifact")],
+    fasta: Annotated[Path, typer.Option(exists=True, dir_okay=False)],
+    dimensions: Annotated[int, typer.Option(help="k: output dims (≤ the artifact's max)")],
+    out: Annotated[Path, typer.Option(help=".npy (pooled) or .npz (per-residue)")],
+    pooling: Annotated[str, typer.Option(help="mean | per-residue | bos")] = "mean",
+    long_sequence_policy: Annotated[
+        LongSequencePolicy, typer.Option()
+    ] = LongSequencePolicy.truncate,
+    normalize: Annotated[bool, typer.Option(help="L2-normalise after truncating to k")] = False,
+    models: Annotated[str | None, typer.Option(help="override the artifact's model ids")] = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    token_budget: BudgetOpt = 8192,
+) -> None:
+    """Embed a FASTA file offline: .npy (N×k, FASTA order) or .npz keyed by FASTA id."""
+    with user_errors():
+        pool = Pooling(pooling.replace("-", "_"))
+        embedder = load_embedder(artifact, models, device, dtype, token_budget)
+        stop = embedder.artifact.level_for_dim(dimensions)
+        ids, seqs = read_sequences(fasta)
+        if pool == Pooling.per_residue and out.suffix != ".npz":
+            raise ValueError("per-residue output is written as .npz (one array per FASTA id)")
+        if pool != Pooling.per_residue and out.suffix != ".npy":
+            raise ValueError("pooled output is written as .npy (N×k float32)")
+        if pool == Pooling.per_residue and len(set(ids)) != len(ids):
+            raise ValueError("FASTA ids must be unique for .npz output")
+        # Bounded memory: embed in slices, each internally length-sorted and batched.
+        chunk = 2048
+        results: list[np.ndarray] = []
+        with progress_bar() as bar:
+            task = bar.add_task("embed", total=len(seqs), residues=0)
+            res = 0
+            for lo in range(0, len(seqs), chunk):
+                vecs, items = embedder.embed(
+                    seqs[lo : lo + chunk], dimensions, pool, long_sequence_policy, normalize
+                )
+                results.extend(vecs)
+                res += sum(it.residues for it in items)
+                bar.update(task, advance=len(vecs), residues=res)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if pool == Pooling.per_residue:
+            np.savez(out, **dict(zip(ids, results, strict=True)))
+        else:
+            np.save(out, np.stack(results).astype(np.float32))
+        levels = embedder.artifact.levels[: stop + 1]
+        err.print(
+            f"wrote {out} ({len(seqs)} sequences, k={dimensions}, levels run: "
+            f"{', '.join(lv.name for lv in levels)})"
+        )
+
+
+def print_info(art: Artifact, path: Path | None = None) -> None:
+    """Metadata and per-step stats as a table (JSON with --json)."""
+    con = Console()
+    con.print(f"[bold]{art.name}[/]  {path or ''}")
+    con.print(
+        f"family {art.family} · regressor {art.regressor}"
+        + (f" (alpha {art.alpha})" if art.alpha is not None else "")
+        + f" · rdserve {art.rdserve_version} · sha256 {art.sha256[:16]}…"
+    )
+    fit_info = ", ".join(f"{k}={v}" for k, v in art.fitting.items() if k != "files")
+    con.print(f"fitting: {fit_info}")
+    lt = Table("level", "dim", "model", "revision")
+    for lv in art.levels:
+        lt.add_row(lv.name, str(lv.dim), lv.model_id, lv.revision or "-")
+    con.print(lt)
+    st = Table("step", "R²", "PCs kept", "appended var. explained", "residues")
+
+    def fmt(v: float | int | None, spec: str) -> str:
+        return "-" if v is None else format(v, spec)
+
+    for i, s in enumerate(art.stats):
+        st.add_row(
+            f"{art.levels[i].name} → {art.levels[i + 1].name}",
+            fmt(s.r2, ".4f"),
+            fmt(s.components_kept, "d"),
+            fmt(s.appended_variance_explained, ".4f"),
+            fmt(s.residues, ",d"),
+        )
+    con.print(st)
+
+
+@cli.command()
+def info(
+    artifact: Annotated[Path, typer.Argument(help="projection artifact")],
+    as_json: Annotated[bool, typer.Option("--json", help="print metadata as JSON")] = False,
+) -> None:
+    """Print an artifact's metadata and per-step statistics."""
+    with user_errors():
+        art = load_artifact(artifact)
+    if as_json:
+        sys.stdout.write(json.dumps({**art.metadata(), "sha256": art.sha256}, indent=2) + "\n")
+    else:
+        print_info(art, artifact)
+
+
+@cli.command("import-reference")
+def import_reference_cmd(
+    directory: Annotated[Path, typer.Argument(exists=True, file_okay=False)],
+    out: Annotated[Path, typer.Option(help="artifact path (.safetensors)")],
+    models: Annotated[str, typer.Option(help="chain, e.g. 8M,35M,150M (names match file names)")],
+    family: Annotated[str, typer.Option()] = "esm2",
+    regressor: Annotated[str | None, typer.Option(help="pcr | linear | ridge")] = None,
+    pca: Annotated[str | None, typer.Option(help="fbpca | incremental")] = None,
+    nseqs: Annotated[str | None, typer.Option(help="e.g. 1k")] = None,
+) -> None:
+    """Convert the reference implementation's rd-scaler-*.npz files into an artifact."""
+    with user_errors():
+        levels = family_class(family).resolve_levels(split_models(models, family))
+        art = save_artifact(import_reference(directory, family, levels, regressor, pca, nseqs), out)
+    print_info(art, out)

@@ -1,0 +1,138 @@
+"""The small interface every model family implements."""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class Level:
+    """One model of a family's chain."""
+
+    name: str  # short name, e.g. "8M" or "1900"
+    dim: int  # width of its per-residue representation
+    model_id: str  # hub id, local directory or weights reference
+    revision: str | None = None  # pinned hub revision (None: default branch)
+
+
+@dataclass(slots=True)
+class LevelOutput:
+    """Final-layer representations of one padded batch, aligned to residues."""
+
+    residues: torch.Tensor  # (B, T, d) float32; [b, t] is residue t of row b
+    mask: torch.Tensor  # (B, T) bool; True on real residues
+    bos: torch.Tensor | None  # (B, d) float32 start-token representation, if the family has one
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Model weights could not be obtained (offline, no cache, bad path)."""
+
+    def __init__(self, levels: Sequence[Level], cause: str, hint: str) -> None:
+        self.levels, self.cause, self.hint = tuple(levels), cause, hint
+        names = ", ".join(f"{lv.name} ({lv.model_id})" for lv in levels)
+        super().__init__(f"cannot load model weights for {names}: {cause}\n{hint}")
+
+
+class LevelMismatchError(ValueError):
+    """A loaded model does not match the level it was declared as (e.g. artifact metadata)."""
+
+
+def pick_device(device: str | None) -> torch.device:
+    """'auto'/None → CUDA when available, else CPU."""
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """'auto'/None → bf16 on CUDA with bf16 support, fp16 on older CUDA, fp32 on CPU."""
+    if dtype in (None, "", "auto"):
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
+    if dtype not in table:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(table)}")
+    return table[dtype]
+
+
+class ModelFamily(ABC):
+    """A chain of models of one family, loaded lazily per level.
+
+    Class attributes describe the family without loading anything (the API process uses them);
+    an instance owns the loaded models of one chain on one device.
+    """
+
+    name: ClassVar[str]  # registry name, e.g. "esm2"
+    max_residues: ClassVar[int | None]  # context limit in residues; None = unlimited
+    special_tokens: ClassVar[int]  # tokens added per sequence (counted in batch budgets)
+    has_bos: ClassVar[bool]  # whether a start-token representation exists ('bos' pooling)
+
+    def __init__(
+        self, levels: Sequence[Level], device: str | None = None, dtype: str | None = None
+    ) -> None:
+        if not levels:
+            raise ValueError("a chain needs at least one level")
+        dims = [lv.dim for lv in levels]
+        if dims != sorted(dims) or len(set(dims)) != len(dims):
+            raise ValueError(f"levels must be ordered by strictly increasing dim, got {dims}")
+        self.levels: tuple[Level, ...] = tuple(levels)
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
+        self._models: dict[int, torch.nn.Module] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    @abstractmethod
+    def resolve_levels(cls, refs: Sequence[str], revision: str | None = None) -> list[Level]:
+        """Turn user model references (shorthands, hub ids, paths) into levels with dims."""
+
+    @abstractmethod
+    def encode(self, seqs: Sequence[str]) -> Any:
+        """Tokenise a batch once; the result is fed to forward() of every level."""
+
+    @abstractmethod
+    def _load(self, level: int) -> torch.nn.Module:
+        """Load one level's model in eval mode on self.device."""
+
+    @abstractmethod
+    def _forward(self, model: torch.nn.Module, batch: Any) -> LevelOutput:
+        """Run one loaded model on an encoded batch."""
+
+    def load(self, level: int) -> torch.nn.Module:
+        """Load a level (once; thread-safe) and return its model."""
+        with self._lock:
+            if level not in self._models:
+                self._models[level] = self._load(level)
+            return self._models[level]
+
+    def is_loaded(self, level: int) -> bool:
+        """Whether the level's weights are resident."""
+        return level in self._models
+
+    @torch.inference_mode()
+    def forward(self, level: int, batch: Any) -> LevelOutput:
+        """Per-residue final-layer representations of one level for an encoded batch."""
+        return self._forward(self.load(level), batch)
+
+    def check_dim(self, level: int, actual: int) -> None:
+        """Raise LevelMismatchError when a loaded model's width differs from the declared level."""
+        lv = self.levels[level]
+        if actual != lv.dim:
+            raise LevelMismatchError(
+                f"level {lv.name} ({lv.model_id}) produces {actual}-dim representations, "
+                f"but {lv.dim} were expected (artifact metadata or --models mismatch)"
+            )

