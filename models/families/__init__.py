@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from models.families.base import (
     Level,
     LevelMismatchError,
@@ -41,6 +43,7 @@ def build_chain(
     revision: str | None = None,
     device: str | None = None,
     dtype: str | None = None,
+    cache_dir: str | Path | None = None,
 ) -> ModelFamily:
     """Instantiate a family chain from explicit levels or user model references (nothing loads)."""
     cls = family_class(family)
@@ -48,4 +51,4 @@ def build_chain(
         if not models:
             raise ValueError("give either levels or model references")
         levels = cls.resolve_levels(models, revision)
-    return cls(levels, device=device, dtype=dtype)
+    return cls(levels, device=device, dtype=dtype, cache_dir=cache_dir)

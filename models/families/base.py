@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -41,6 +43,11 @@ class WeightsUnavailableError(RuntimeError):
 
 class LevelMismatchError(ValueError):
     """A loaded model does not match the level it was declared as (e.g. artifact metadata)."""
+
+
+def default_cache_dir() -> Path:
+    """Where rdserve keeps downloaded weights: $RDSERVE_CACHE_DIR or ~/.cache/rdserve."""
+    return Path(os.environ.get("RDSERVE_CACHE_DIR") or Path.home() / ".cache" / "rdserve")
 
 
 def pick_device(device: str | None) -> torch.device:
@@ -82,7 +89,11 @@ class ModelFamily(ABC):
     has_bos: ClassVar[bool]  # whether a start-token representation exists ('bos' pooling)
 
     def __init__(
-        self, levels: Sequence[Level], device: str | None = None, dtype: str | None = None
+        self,
+        levels: Sequence[Level],
+        device: str | None = None,
+        dtype: str | None = None,
+        cache_dir: str | Path | None = None,
     ) -> None:
         if not levels:
             raise ValueError("a chain needs at least one level")
@@ -92,6 +103,7 @@ class ModelFamily(ABC):
         self.levels: tuple[Level, ...] = tuple(levels)
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self._models: dict[int, torch.nn.Module] = {}
         self._lock = threading.Lock()
 

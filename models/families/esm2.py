@@ -54,9 +54,10 @@ class ESM2Family(ModelFamily):
         levels: Sequence[Level],
         device: str | None = None,
         dtype: str | None = None,
+        cache_dir: str | Path | None = None,
         attn_implementation: str = "sdpa",
     ) -> None:
-        super().__init__(levels, device, dtype)
+        super().__init__(levels, device, dtype, cache_dir)
         self.attn_implementation = attn_implementation
         self._table: np.ndarray | None = None
         self._special: tuple[int, int, int] | None = None
