@@ -65,3 +65,45 @@ def tiny_artifact(tmp_path_factory: pytest.TempPathFactory, tiny_esm_dirs, fit_s
     path = tmp_path_factory.mktemp("artifact") / "tiny.safetensors"
     save_artifact(art, path)
     return path
+
+
+@pytest.fixture
+def make_app(tiny_artifact):
+    """Factory: (TestClient context, service) for an embedded app with settings overrides."""
+    from fastapi.testclient import TestClient
+
+    from app.bootstrap import embedded_service
+    from app.server import create_app
+    from app.settings import Settings
+    from models.artifact import load_artifact
+
+    def make(**overrides):
+        settings = Settings(**{"artifact": tiny_artifact, "device": "cpu", **overrides})
+        service = embedded_service(settings, load_artifact(tiny_artifact))
+        return TestClient(create_app(service)), service
+
+    return make
+
+
+def wait_ready(client, timeout: float = 60.0) -> dict:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = client.get("/health/ready")
+        if r.status_code == 200:
+            return r.json()
+        time.sleep(0.05)
+    raise AssertionError(f"not ready: {r.json()}")
+
+
+def metric(client, name: str, **labels) -> float:
+    """Current value of one Prometheus sample scraped from /metrics (0 when absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = client.get("/metrics").text
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    return 0.0

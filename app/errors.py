@@ -1,0 +1,91 @@
+"""The one error shape of the API: {"error": {"message", "type", "param", "code"}}."""
+
+from __future__ import annotations
+
+import logging
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from app.metrics import ERRORS
+
+log = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    """An error response: HTTP status, message naming the field/item, OpenAI-style type and code."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type = status, message, type
+        self.param, self.code, self.headers = param, code, headers or {}
+
+
+def error_body(message: str, type_: str, param: str | None, code: str | None) -> bytes:
+    return orjson.dumps(
+        {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    )
+
+
+def error_response(err: APIError) -> Response:
+    ERRORS.labels(err.code or err.type).inc()
+    return Response(
+        error_body(err.message, err.type, err.param, err.code),
+        status_code=err.status,
+        media_type="application/json",
+        headers=err.headers,
+    )
+
+
+def _loc_to_param(loc: tuple) -> str:
+    """('body', 'input', 3) → 'input[3]'; ('body', 'ids') → 'ids'."""
+    parts = [p for p in loc if p != "body"]
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "body"
+
+
+def install_handlers(app: FastAPI) -> None:
+    """Map every failure (ours, validation, HTTP, unexpected) onto the one error shape."""
+
+    @app.exception_handler(APIError)
+    async def _api(_: Request, exc: APIError) -> Response:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> Response:
+        first = exc.errors()[0]
+        param = _loc_to_param(tuple(first.get("loc", ())))
+        msg = first.get("msg", "invalid request")
+        if first.get("type") == "extra_forbidden":
+            msg = f"unknown field {param!r}"
+        elif first.get("type") == "json_invalid":
+            msg = f"request body is not valid JSON: {first.get('ctx', {}).get('error', msg)}"
+        else:
+            msg = f"{param}: {msg}"
+        return error_response(APIError(422, msg, param=param, code=first.get("type")))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(
+            APIError(exc.status_code, str(exc.detail), code=code, headers=dict(exc.headers or {}))
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> Response:
+        log.exception("unhandled error")
+        return error_response(APIError(500, "internal error", type="server_error", code="internal"))

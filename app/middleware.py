@@ -1,0 +1,156 @@
+"""One pure-ASGI gate per request: request id, API keys, body limit, metrics, access log."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from app import metrics as m
+from app.errors import error_body
+
+log = logging.getLogger("rdserve.access")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+ROUTES = {
+    "/v1/embeddings",
+    "/v1/models",
+    "/health/live",
+    "/health/ready",
+    "/metrics",
+    "/docs",
+    "/openapi.json",
+}
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+
+class Gate:
+    """Wraps the app: everything here happens before the body is parsed."""
+
+    def __init__(self, app: ASGIApp, api_keys: list[str], max_body_bytes: int) -> None:
+        self.app = app
+        self.keys = [k.encode() for k in api_keys]
+        self.max_body = max_body_bytes
+
+    def _authorised(self, header: bytes | None) -> bool:
+        if header is None or not header.lower().startswith(b"bearer "):
+            return False
+        token = header[7:].strip()
+        ok = False
+        for key in self.keys:  # no early exit: timing does not reveal which key matched
+            ok |= hmac.compare_digest(token, key)
+        return ok
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        headers = dict(scope["headers"])
+        rid_in = headers.get(b"x-request-id", b"").decode("latin-1")
+        rid = rid_in if _SAFE_ID.match(rid_in) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+        path = scope["path"]
+        route = path if path in ROUTES else "other"
+        status = {"code": 500}
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                message.setdefault("headers", []).append((b"x-request-id", rid.encode()))
+            await send(message)
+
+        async def reject(
+            code: int, msg: str, type_: str, err: str, extra: list | None = None
+        ) -> None:
+            m.ERRORS.labels(err).inc()
+            await send_with_id(
+                {
+                    "type": "http.response.start",
+                    "status": code,
+                    "headers": [(b"content-type", b"application/json"), *(extra or [])],
+                }
+            )
+            await send_with_id(
+                {"type": "http.response.body", "body": error_body(msg, type_, None, err)}
+            )
+
+        try:
+            if (
+                self.keys
+                and not path.startswith("/health")
+                and not self._authorised(headers.get(b"authorization"))
+            ):
+                await reject(
+                    401,
+                    "missing or invalid API key (use 'Authorization: Bearer KEY')",
+                    "authentication_error",
+                    "invalid_api_key",
+                    [(b"www-authenticate", b'Bearer realm="rdserve"')],
+                )
+                return
+            if scope["method"] in ("POST", "PUT", "PATCH"):
+                body = await self._read_body(receive)
+                if body is None:
+                    await reject(
+                        413,
+                        f"request body exceeds {self.max_body} bytes",
+                        "invalid_request_error",
+                        "body_too_large",
+                    )
+                    return
+                receive = _replay(body)
+            await self.app(scope, receive, send_with_id)
+        finally:
+            took = time.perf_counter() - t0
+            m.REQUESTS.labels(route, str(status["code"])).inc()
+            m.REQUEST_DURATION.labels(route).observe(took)
+            if route not in ("/metrics", "/health/live", "/health/ready"):
+                log.info(
+                    "request",
+                    extra={
+                        "request_id": rid,
+                        "method": scope["method"],
+                        "path": path,
+                        "status": status["code"],
+                        "duration_ms": round(took * 1000, 2),
+                    },
+                )
+
+    async def _read_body(self, receive: Receive) -> bytes | None:
+        """The whole body, or None as soon as it exceeds the limit (nothing gets parsed)."""
+        chunks, size = [], 0
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                break
+            chunk = msg.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                return None
+            chunks.append(chunk)
+            if not msg.get("more_body", False):
+                break
+        return b"".join(chunks)
+
+
+def _replay(body: bytes) -> Receive:
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return {"type": "http.disconnect"}
+
+    return receive

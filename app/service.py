@@ -1,0 +1,244 @@
+"""One embeddings request: validate → cache lookup → queue misses → cache store → vectors."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from app import metrics as m
+from app.cache import Cache, CacheEntry, cache_key, cache_namespace
+from app.dispatch import Dispatcher, NoWorkerError, QueueFullError
+from app.errors import APIError
+from app.jobs import Job, WorkItem
+from app.schemas import EmbeddingRequest
+from app.settings import Settings
+from models.artifact import Artifact
+from models.extract import Pooling
+from models.families import family_class
+from models.projection import assemble
+from models.sequences import Handling, LongSequencePolicy, SequenceError, clean_sequence
+
+
+@dataclass(slots=True)
+class ItemOutcome:
+    """One returned embedding and how it was obtained."""
+
+    vector: np.ndarray  # (k,) pooled or (L, k) per residue, float32
+    residues: int  # residues embedded
+    handling: str  # full | truncated | chunked
+    tier: str  # full_hit | partial | miss
+
+
+@dataclass(slots=True)
+class Outcome:
+    """A served request."""
+
+    items: list[ItemOutcome]  # in input order
+    k: int  # dims returned
+    stop: int  # last chain level used
+
+
+class EmbeddingService:
+    """Serves one artifact through a cache and a dispatcher."""
+
+    def __init__(
+        self, artifact: Artifact, cache: Cache, dispatcher: Dispatcher, settings: Settings
+    ) -> None:
+        self.artifact = artifact
+        self.cache = cache
+        self.dispatcher = dispatcher
+        self.settings = settings
+        self.family = family_class(artifact.family)
+        self.namespace = cache_namespace(artifact)
+
+    def accepts_model(self, name: str | None) -> bool:
+        return name in (None, "", self.artifact.name, self.artifact.family)
+
+    def _validate(self, req: EmbeddingRequest) -> tuple[list[str], int]:
+        raw = [req.input] if isinstance(req.input, str) else req.input
+        if not raw:
+            raise APIError(
+                422, "input must contain at least one sequence", param="input", code="empty_input"
+            )
+        s = self.settings
+        if len(raw) > s.max_sequences:
+            raise APIError(
+                422,
+                f"input has {len(raw)} sequences; the limit is {s.max_sequences}",
+                param="input",
+                code="too_many_sequences",
+            )
+        if req.model and not self.accepts_model(req.model):
+            raise APIError(
+                404,
+                f"model {req.model!r} is not served here; this server serves "
+                f"{self.artifact.name!r} (family {self.artifact.family!r})",
+                param="model",
+                code="model_not_found",
+            )
+        if req.ids is not None and len(req.ids) != len(raw):
+            raise APIError(
+                422,
+                f"ids has {len(req.ids)} entries but input has {len(raw)}",
+                param="ids",
+                code="ids_length_mismatch",
+            )
+        k = req.dimensions if req.dimensions is not None else self.artifact.max_dim
+        if not 1 <= k <= self.artifact.max_dim:
+            raise APIError(
+                422,
+                f"dimensions must be between 1 and {self.artifact.max_dim}, got {k}",
+                param="dimensions",
+                code="invalid_dimensions",
+            )
+        if req.pooling == Pooling.bos and not self.family.has_bos:
+            raise APIError(
+                422,
+                f"family {self.artifact.family!r} has no start token; "
+                "use pooling 'mean' or 'per_residue'",
+                param="pooling",
+                code="unsupported_pooling",
+            )
+        seqs = []
+        total = 0
+        for i, r in enumerate(raw):
+            try:
+                seq = clean_sequence(r, i)
+            except SequenceError as e:
+                raise APIError(
+                    422, f"input[{i}]: {e.reason}", param=f"input[{i}]", code="invalid_sequence"
+                ) from None
+            cap = self.family.max_residues
+            if (
+                cap is not None
+                and len(seq) > cap
+                and req.long_sequence_policy == LongSequencePolicy.error
+            ):
+                raise APIError(
+                    422,
+                    f"input[{i}]: length {len(seq)} exceeds the model context of "
+                    f"{cap} residues (set long_sequence_policy to 'truncate' or "
+                    "'chunk')",
+                    param=f"input[{i}]",
+                    code="sequence_too_long",
+                )
+            total += len(seq)
+            seqs.append(seq)
+        if total > s.max_residues:
+            raise APIError(
+                422,
+                f"input has {total} residues; the limit is {s.max_residues}",
+                param="input",
+                code="too_many_residues",
+            )
+        return seqs, k
+
+    def _handling(self, seq: str, policy: LongSequencePolicy) -> str:
+        cap = self.family.max_residues
+        return "full" if cap is None or len(seq) <= cap else str(policy)
+
+    async def embed(self, req: EmbeddingRequest, request_id: str) -> Outcome:
+        seqs, k = self._validate(req)
+        stop = self.artifact.level_for_dim(k)
+        pooling, policy = str(req.pooling), req.long_sequence_policy
+        bucket = m.k_bucket(k, self.artifact.dims)
+        m.ITEMS.labels(bucket, pooling).inc(len(seqs))
+
+        # Identical sequences in one request are looked up and computed once.
+        keys = [cache_key(self.namespace, pooling, self._handling(s, policy), s) for s in seqs]
+        unique = list(dict.fromkeys(keys))
+        first = {key: keys.index(key) for key in unique}
+        entries = dict(zip(unique, await self.cache.get_many(unique), strict=True))
+
+        tiers: dict[str, str] = {}
+        work: list[tuple[str, WorkItem]] = []
+        for key in unique:
+            e = entries[key]
+            known = len(e.blocks) if e is not None else 0
+            if known > stop:
+                tiers[key] = "full_hit"
+                continue
+            tiers[key] = "partial" if known else "miss"
+            prefix = np.concatenate(e.blocks, axis=-1) if e is not None and known else None
+            work.append((key, WorkItem(seqs[first[key]], known, stop, prefix)))
+        for key in keys:
+            m.CACHE.labels(tiers[key]).inc()
+
+        if work:
+            await self._compute(work, entries, req, request_id, stop)
+
+        items = []
+        for key in keys:
+            e = entries[key]
+            assert e is not None
+            items.append(
+                ItemOutcome(
+                    assemble(e.blocks[: stop + 1], k, req.normalize),
+                    e.residues,
+                    e.handling,
+                    tiers[key],
+                )
+            )
+        return Outcome(items, k, stop)
+
+    async def _compute(
+        self,
+        work: list[tuple[str, WorkItem]],
+        entries: dict[str, CacheEntry | None],
+        req: EmbeddingRequest,
+        request_id: str,
+        stop: int,
+    ) -> None:
+        timeout = self.settings.request_timeout_s
+        job = Job(
+            id=request_id,
+            artifact=self.artifact.sha256,
+            pooling=str(req.pooling),
+            policy=str(req.long_sequence_policy),
+            items=[w for _, w in work],
+            deadline=time.time() + timeout,
+        )
+        try:
+            result = await self.dispatcher.submit(job, timeout)
+        except QueueFullError:
+            raise APIError(
+                429,
+                "the request queue is full; retry later",
+                type="rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": "1"},
+            ) from None
+        except NoWorkerError as e:
+            raise APIError(
+                503,
+                f"no worker available: {e}",
+                type="server_error",
+                code="no_worker",
+                headers={"Retry-After": "5"},
+            ) from None
+        except TimeoutError:
+            raise APIError(
+                504,
+                f"the request did not finish within {timeout:g} s",
+                type="server_error",
+                code="timeout",
+            ) from None
+        if result.error is not None:
+            status = 504 if result.code == "timeout" else 500
+            raise APIError(status, result.error, type="server_error", code=result.code)
+        stores = []
+        cap = self.settings.cache_per_residue_max_bytes
+        for (key, w), r in zip(work, result.items, strict=True):
+            known = entries[key].blocks[: w.start] if entries[key] is not None else []
+            entry = CacheEntry([*known, *r.blocks], r.residues, r.handling)
+            entries[key] = entry
+            per_residue = req.pooling == Pooling.per_residue
+            if not per_residue or sum(b.nbytes for b in entry.blocks) <= cap:
+                stores.append((key, w.start, entry))
+        await self.cache.put_many(stores)
+
+    @staticmethod
+    def truncated(handling: str) -> bool:
+        return handling == Handling.truncated

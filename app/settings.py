@@ -1,0 +1,117 @@
+"""All service settings in one class; each field is also an ``RDSERVE_<NAME>`` variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _xdg_data() -> Path:
+    return Path.home() / ".local" / "share" / "rdserve"
+
+
+class Settings(BaseSettings):
+    """rdserve configuration (CLI flags override these; the README table is generated from it)."""
+
+    model_config = SettingsConfigDict(env_prefix="RDSERVE_", extra="ignore")
+
+    # Models and artifact
+    family: str = Field("esm2", description="Model family of the default chain (esm2, unirep).")
+    models: str = Field(
+        "8M,35M,150M",
+        description="Default chain, smallest first: shorthands, hub ids or local directories.",
+    )
+    revision: str | None = Field(None, description="Hub revision pinned for every model.")
+    artifact: Path | None = Field(
+        None, description="Projection artifact; default: <data_dir>/artifacts/<chain>.safetensors."
+    )
+    data_dir: Path = Field(
+        default_factory=_xdg_data, description="Where fitted artifacts are kept."
+    )
+    cache_dir: Path | None = Field(
+        None, description="Downloaded weights (UniRep); default ~/.cache/rdserve."
+    )
+    fit_sequences: int = Field(
+        1000,
+        ge=2,
+        description="Packaged UniRef90 sequences used to fit a missing default artifact.",
+    )
+    device: str = Field("auto", description="Worker device: auto, cpu, cuda, cuda:N.")
+    dtype: str = Field(
+        "auto", description="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16."
+    )
+
+    # Batching
+    token_budget: int = Field(8192, ge=64, description="Tokens per model batch, padding included.")
+    batch_wait_ms: float = Field(
+        2.0, ge=0, description="How long the worker waits for more requests to fill a batch."
+    )
+    chunk_overlap: int = Field(256, ge=0, description="Overlap of windows for the 'chunk' policy.")
+    warmup: bool = Field(True, description="Load every level and run a small batch at start.")
+
+    # Request limits
+    max_sequences: int = Field(512, ge=1, description="Most sequences in one request.")
+    max_residues: int = Field(200_000, ge=1, description="Most residues in one request.")
+    max_body_bytes: int = Field(
+        16 * 2**20, ge=1024, description="Largest request body (413 above)."
+    )
+    max_queue: int = Field(1024, ge=1, description="Most queued requests before 429.")
+    request_timeout_s: float = Field(120.0, gt=0, description="Per-request deadline (504 after).")
+
+    # Cache
+    cache_max_bytes: int = Field(
+        512 * 2**20, ge=0, description="Embedded-mode in-memory LRU capacity (0 disables)."
+    )
+    cache_ttl_s: int = Field(7 * 24 * 3600, ge=0, description="Redis cache entry TTL (0: none).")
+    cache_per_residue_max_bytes: int = Field(
+        2 * 2**20, ge=0, description="Largest per-residue result that is cached."
+    )
+
+    # Distributed mode
+    redis_url: str | None = Field(None, description="Redis URL; set it for distributed mode.")
+    redis_prefix: str = Field("rdserve", description="Key prefix of every Redis key.")
+    worker_id: str | None = Field(
+        None, description="Worker name in the consumer group (default host-pid)."
+    )
+    heartbeat_s: float = Field(2.0, gt=0, description="Worker heartbeat period.")
+    claim_idle_s: float = Field(
+        300.0, gt=0, description="Reclaim jobs a dead worker left pending after this long."
+    )
+
+    # HTTP
+    host: str = Field("127.0.0.1", description="Bind address of the API.")
+    port: int = Field(8000, ge=0, le=65535, description="Port of the API.")
+    metrics_port: int = Field(9100, ge=0, le=65535, description="Worker /metrics port (0: off).")
+    api_keys: SecretStr | None = Field(
+        None, description="Comma-separated API keys (auth off if unset)."
+    )
+    api_key_file: Path | None = Field(None, description="File with one API key per line.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level."
+    )
+    log_sequences: bool = Field(
+        False, description="Include sequences in debug logs (off: privacy)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if not self.model_list:
+            raise ValueError("models must name at least one model")
+        return self
+
+    @property
+    def model_list(self) -> list[str]:
+        """The default chain as a list."""
+        return [m.strip() for m in self.models.split(",") if m.strip()]
+
+    def keys(self) -> list[str]:
+        """Configured API keys (env and file); empty means authentication is off."""
+        keys = []
+        if self.api_keys is not None:
+            keys += [k.strip() for k in self.api_keys.get_secret_value().split(",")]
+        if self.api_key_file is not None:
+            keys += [k.strip() for k in self.api_key_file.read_text().splitlines()]
+        return [k for k in keys if k and not k.startswith("#")]

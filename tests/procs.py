@@ -1,0 +1,82 @@
+"""Helpers to run rdserve as real OS processes (API, workers, redis-server) in tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Proc:
+    """A child process with its combined output in a log file (shown when a test fails)."""
+
+    def __init__(self, argv: Sequence[str], env: dict[str, str], log: Path) -> None:
+        self.log = log
+        self.fh = open(log, "wb")  # noqa: SIM115 — lives as long as the process
+        full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **env}
+        self.p = subprocess.Popen(
+            list(argv), env=full_env, stdout=self.fh, stderr=subprocess.STDOUT, cwd=REPO
+        )
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.p.poll() is None
+
+    def stop(self, timeout: float = 15) -> int:
+        if self.alive():
+            self.p.terminate()
+            try:
+                self.p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait()
+        self.fh.close()
+        return self.p.returncode
+
+
+def rdserve(*args: str, env: dict[str, str], log: Path) -> Proc:
+    return Proc([sys.executable, "-m", "app", *args], env, log)
+
+
+def wait_http(url: str, proc: Proc, timeout: float = 90, status: int = 200) -> httpx.Response:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise AssertionError(f"process exited:\n{proc.output()[-4000:]}")
+        try:
+            last = httpx.get(url, timeout=2)
+            if last.status_code == status:
+                return last
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(
+        f"{url} not {status} in {timeout}s (last: {last and last.text})\n{proc.output()[-4000:]}"
+    )
+
+
+def clear_prefix(url: str, prefix: str) -> None:
+    import redis
+
+    r = redis.Redis.from_url(url)
+    keys = list(r.scan_iter(match=f"{prefix}:*", count=500))
+    if keys:
+        r.delete(*keys)
+    r.close()

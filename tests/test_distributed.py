@@ -1,0 +1,238 @@
+"""Distributed mode: real Redis, the API and workers as separate OS processes, real HTTP."""
+
+from __future__ import annotations
+
+import io
+import time
+import uuid
+
+import httpx
+import numpy as np
+import pytest
+import redis
+from conftest import metric, wait_ready
+from procs import clear_prefix, free_port, rdserve, wait_http
+
+from app.jobs import Job, JobResult, WorkItem, job_to_wire
+from app.streams import GROUP, RedisJobSource, jobs_key
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+SEQS = ["MKTAYIAKQRQISFVKSHFSRQ", "GSHMLEDPVDAFQ", "MVLSPADKTNVKAAWGKVGAHAGEYGAEAL", "MKV"]
+
+
+@pytest.fixture(scope="module")
+def prefix():
+    p = f"rdserve-test-{uuid.uuid4().hex[:8]}"
+    yield p
+    clear_prefix(REDIS_URL, p)
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_artifact, prefix, tmp_path_factory):
+    """An API process and one worker process sharing Redis under a test-only key prefix."""
+    logs = tmp_path_factory.mktemp("logs")
+    env = {
+        "RDSERVE_REDIS_URL": REDIS_URL,
+        "RDSERVE_REDIS_PREFIX": prefix,
+        "RDSERVE_ARTIFACT": str(tiny_artifact),
+        "RDSERVE_DEVICE": "cpu",
+    }
+    api_port, wport = free_port(), free_port()
+    api = rdserve("serve", "--port", str(api_port), env=env, log=logs / "api.log")
+    worker = rdserve(
+        "worker",
+        "--worker-id",
+        "w1",
+        env={**env, "RDSERVE_METRICS_PORT": str(wport)},
+        log=logs / "w1.log",
+    )
+    base = f"http://127.0.0.1:{api_port}"
+    try:
+        wait_http(f"{base}/health/ready", api)
+        yield {
+            "base": base,
+            "api": api,
+            "worker": worker,
+            "env": env,
+            "logs": logs,
+            "worker_metrics": f"http://127.0.0.1:{wport}/metrics",
+        }
+    finally:
+        worker.stop()
+        api.stop()
+
+
+def post(base, **body):
+    r = httpx.post(f"{base}/v1/embeddings", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def worker_forwards(url, level):
+    text = httpx.get(url, timeout=5).text
+    for line in text.splitlines():
+        if line.startswith(f'rdserve_forward_duration_seconds_count{{level="{level}"}}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_results_equal_embedded_mode(cluster, make_app):
+    c, _ = make_app()
+    with c:
+        wait_ready(c)
+        for pooling, k in (("mean", 64), ("per_residue", 48), ("bos", 20)):
+            body = {"input": SEQS, "dimensions": k, "pooling": pooling}
+            emb = c.post("/v1/embeddings", json=body).json()
+            dist = post(cluster["base"], **body)
+            assert dist["artifact_sha256"] == emb["artifact_sha256"]
+            for a, b in zip(emb["data"], dist["data"], strict=True):
+                np.testing.assert_allclose(
+                    np.array(a["embedding"]), np.array(b["embedding"]), rtol=0, atol=1e-6
+                )
+
+
+def test_shared_nested_cache_in_redis(cluster, prefix):
+    seqs = ["MKWVTFISLLFLFSSAYS", "MDSKGSSQKGSRLLLLLVVSNLLLCQGVVS"]
+    w = cluster["worker_metrics"]
+    before = [worker_forwards(w, lv) for lv in ("tiny32", "tiny48", "tiny64")]
+    low = post(cluster["base"], input=seqs, dimensions=16)
+    assert [d["cache"] for d in low["data"]] == ["miss", "miss"]
+    high = post(cluster["base"], input=seqs, dimensions=64)
+    assert [d["cache"] for d in high["data"]] == ["partial", "partial"]
+    after = [worker_forwards(w, lv) for lv in ("tiny32", "tiny48", "tiny64")]
+    assert [b - a for a, b in zip(before, after, strict=True)] == [1, 1, 1]
+    again = post(cluster["base"], input=seqs, dimensions=50)
+    assert [d["cache"] for d in again["data"]] == ["full_hit", "full_hit"]
+    assert [worker_forwards(w, lv) for lv in ("tiny32", "tiny48", "tiny64")] == after
+    r = redis.Redis.from_url(REDIS_URL)
+    keys = list(r.scan_iter(match=f"{prefix}:emb:*"))
+    assert len(keys) >= 2 and r.ttl(keys[0]) > 0
+    assert set(r.hkeys(keys[0])) >= {b"m", b"0"}
+
+
+def test_binary_output_and_metrics_over_real_http(cluster):
+    r = httpx.post(
+        f"{cluster['base']}/v1/embeddings",
+        json={"input": SEQS, "dimensions": 33},
+        headers={"accept": "application/x-npy"},
+        timeout=60,
+    )
+    arr = np.load(io.BytesIO(r.content))
+    js = post(cluster["base"], input=SEQS, dimensions=33)
+    np.testing.assert_array_equal(arr, np.array([d["embedding"] for d in js["data"]], np.float32))
+    text = httpx.get(f"{cluster['base']}/metrics").text
+    assert "rdserve_workers_live 1.0" in text
+    ready = httpx.get(f"{cluster['base']}/health/ready").json()
+    assert ready["mode"] == "distributed" and ready["workers"] == 1
+
+
+def test_second_worker_scales_out_and_survives_a_crash(cluster, tmp_path):
+    w2 = rdserve(
+        "worker",
+        "--worker-id",
+        "w2",
+        "--metrics-port",
+        "0",
+        env=cluster["env"],
+        log=tmp_path / "w2.log",
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if httpx.get(f"{cluster['base']}/health/ready").json()["workers"] == 2:
+                break
+            time.sleep(0.3)
+        else:
+            raise AssertionError(w2.output()[-3000:])
+        rng = np.random.default_rng(0)
+        seqs = ["".join(rng.choice(list("ACDEFGHIKLMNPQRSTVWY"), 40)) for _ in range(30)]
+        served = {post(cluster["base"], input=[s], dimensions=64)["data"][0]["cache"] for s in seqs}
+        assert served == {"miss"}
+        w2.stop()  # SIGTERM: the worker deregisters its heartbeat and exits cleanly
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{cluster['base']}/health/ready").json()["workers"] != 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+        assert post(cluster["base"], input=["MKVLAAGG"], dimensions=8)["data"][0]["residues"] == 8
+    finally:
+        w2.stop()
+    assert "worker w2 serving" in w2.output()
+
+
+def test_no_worker_gives_503(tiny_artifact, tmp_path):
+    p = f"rdserve-test-{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    env = {
+        "RDSERVE_REDIS_URL": REDIS_URL,
+        "RDSERVE_REDIS_PREFIX": p,
+        "RDSERVE_ARTIFACT": str(tiny_artifact),
+    }
+    api = rdserve("serve", "--port", str(port), env=env, log=tmp_path / "api.log")
+    try:
+        ready = wait_http(f"http://127.0.0.1:{port}/health/ready", api, status=503).json()
+        assert ready["workers"] == 0 and ready["status"] != "ready"
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json={"input": "MKV"}, timeout=10)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "no_worker"
+    finally:
+        api.stop()
+        clear_prefix(REDIS_URL, p)
+
+
+def test_stale_jobs_of_a_dead_worker_are_claimed(tiny_artifact):
+    """A job read by a consumer that died (never acked) is taken over after claim_idle_s."""
+    p = f"rdserve-test-{uuid.uuid4().hex[:8]}"
+    r = redis.Redis.from_url(REDIS_URL)
+    try:
+        dead = RedisJobSource(r, p, "dead", claim_idle_s=0.2)
+        job = Job(
+            id="j1",
+            artifact="x",
+            pooling="mean",
+            policy="truncate",
+            items=[WorkItem("MKV", 0, 0, None)],
+            deadline=time.time() + 60,
+            reply_to=f"{p}:replies:test",
+        )
+        r.xadd(jobs_key(p), {"d": job_to_wire(job)})
+        assert [j.id for j in dead.take(1, 0)] == ["j1"]  # read, then the worker "dies"
+        alive = RedisJobSource(r, p, "alive", claim_idle_s=0.2)
+        assert alive.take(1, 0) == []  # nothing new and not yet idle long enough
+        time.sleep(0.3)
+        alive._last_claim = 0.0
+        taken = alive.take(1, 0)
+        assert [j.id for j in taken] == ["j1"]
+        alive.reply(taken[0], JobResult("j1", error="x", code="internal"))
+        assert r.xpending(jobs_key(p), GROUP)["pending"] == 0
+        assert r.xlen(f"{p}:replies:test") == 1
+    finally:
+        clear_prefix(REDIS_URL, p)
+        r.close()
+
+
+def test_cache_failure_never_fails_a_request(tiny_artifact):
+    """Redis down for the cache: lookups degrade to misses, stores are skipped, answers flow."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+    from fastapi.testclient import TestClient
+
+    from app.bootstrap import embedded_service
+    from app.cache import RedisCache
+    from app.server import create_app
+    from app.settings import Settings
+    from models.artifact import load_artifact
+
+    art = load_artifact(tiny_artifact)
+    service = embedded_service(Settings(artifact=tiny_artifact, device="cpu"), art)
+    dead = aioredis.from_url(
+        f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=0.2, socket_timeout=0.2
+    )
+    service.cache = RedisCache(dead, "x", 3, art.dims, 60)
+    with TestClient(create_app(service)) as c:
+        wait_ready(c)
+        errs = metric(c, "rdserve_cache_errors_total", op="get")
+        r = c.post("/v1/embeddings", json={"input": ["MKV", "GGG"], "dimensions": 40})
+        assert r.status_code == 200 and [d["cache"] for d in r.json()["data"]] == ["miss", "miss"]
+        assert metric(c, "rdserve_cache_errors_total", op="get") == errs + 1
+        assert metric(c, "rdserve_cache_errors_total", op="put") >= 1
+    asyncio.run(dead.aclose())
