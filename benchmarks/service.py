@@ -1,0 +1,248 @@
+"""Service throughput and latency: cache-miss, partial-hit and full-hit traffic, both modes.
+
+The server runs as real processes (`rdserve serve`, plus `rdserve worker` in distributed mode);
+load comes from this process over loopback.  Every phase is bounded in requests and time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from benchmarks.common import CACHE, fmt_range, random_esm2, summary, tiny_esm2, uniref
+from benchmarks.extraction import artifact_for
+from models.embedder import Embedder
+from models.extract import Pooling
+from models.families import build_chain
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from procs import Proc, clear_prefix, free_port, rdserve, wait_http
+
+REDIS_URL = os.environ.get("RDSERVE_BENCH_REDIS", "redis://127.0.0.1:6379/0")
+
+
+def chains(quick: bool) -> dict[str, list[str]]:
+    tiny = [str(tiny_esm2(h)) for h in (32, 48, 64)]
+    if quick:
+        return {"tiny": tiny}
+    return {"tiny": tiny, "8M-35M": [str(random_esm2("8M")), str(random_esm2("35M"))]}
+
+
+class Server:
+    """`rdserve serve` (+ one worker in distributed mode) on free ports, torn down on exit."""
+
+    def __init__(self, mode: str, artifact: Path, token_budget: int, logs: Path) -> None:
+        self.prefix = f"rdserve-bench-{uuid.uuid4().hex[:8]}"
+        port = free_port()
+        env = {
+            "RDSERVE_ARTIFACT": str(artifact),
+            "RDSERVE_DEVICE": "cpu",
+            "RDSERVE_TOKEN_BUDGET": str(token_budget),
+            "RDSERVE_LOG_LEVEL": "warning",
+            "RDSERVE_MAX_QUEUE": "4096",
+        }
+        self.procs: list[Proc] = []
+        if mode == "distributed":
+            env |= {"RDSERVE_REDIS_URL": REDIS_URL, "RDSERVE_REDIS_PREFIX": self.prefix}
+            self.procs.append(
+                rdserve(
+                    "worker", "--metrics-port", "0", env=env, log=logs / f"{self.prefix}-worker.log"
+                )
+            )
+        self.procs.append(
+            rdserve("serve", "--port", str(port), env=env, log=logs / f"{self.prefix}-api.log")
+        )
+        self.mode = mode
+        self.base = f"http://127.0.0.1:{port}"
+        t0 = time.perf_counter()
+        wait_http(f"{self.base}/health/ready", self.procs[-1], timeout=300)
+        self.ready_s = time.perf_counter() - t0
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.stop()
+        if self.mode == "distributed":
+            clear_prefix(REDIS_URL, self.prefix)
+
+
+async def _post(client: httpx.AsyncClient, body: dict) -> float:
+    t0 = time.perf_counter()
+    r = await client.post("/v1/embeddings", json=body)
+    if r.status_code != 200:
+        raise RuntimeError(f"{r.status_code}: {r.text[:200]}")
+    return time.perf_counter() - t0
+
+
+async def closed_loop(base: str, bodies: list[dict], concurrency: int) -> tuple[float, list[float]]:
+    """`concurrency` clients send the bodies back to back; returns (wall seconds, latencies)."""
+    queue = list(reversed(bodies))
+    lat: list[float] = []
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=base, timeout=300, limits=limits) as client:
+
+        async def client_loop() -> None:
+            while queue:
+                lat.append(await _post(client, queue.pop()))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+        return time.perf_counter() - t0, lat
+
+
+async def open_loop(base: str, bodies: list[dict], rate: float) -> tuple[float, list[float]]:
+    """Requests start at a fixed rate regardless of responses (latency under a given load)."""
+    lat: list[float] = []
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+    async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as client:
+        for b in bodies[:20]:  # open the connection pool before measuring
+            await _post(client, b)
+        t0 = time.perf_counter()
+        tasks = []
+        for i, body in enumerate(bodies):
+            delay = t0 + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(_post(client, body)))
+        lat = list(await asyncio.gather(*tasks))
+        return time.perf_counter() - t0, lat
+
+
+def pct(lat: list[float]) -> dict[str, float]:
+    a = np.array(lat) * 1000
+    return {
+        "p50_ms": float(np.percentile(a, 50)),
+        "p95_ms": float(np.percentile(a, 95)),
+        "p99_ms": float(np.percentile(a, 99)),
+        "max_ms": float(a.max()),
+        "n": len(lat),
+    }
+
+
+def run_chain(
+    name: str,
+    refs: list[str],
+    reps: int,
+    n_miss: int,
+    hit_rate: float,
+    hit_seconds: float,
+    concurrency: int,
+    token_budget: int,
+    logs: Path,
+) -> dict[str, Any]:
+    family = build_chain("esm2", models=refs, device="cpu")
+    art = artifact_for(family, refs, "svc-" + "-".join(lv.name for lv in family.levels))
+    art_path = CACHE / ("svc-" + "-".join(lv.name for lv in family.levels) + ".safetensors")
+    embedder = Embedder(family, art, token_budget=token_budget)
+    k_max, k_low = art.max_dim, art.dims[0]
+    pool = uniref(max_len=1022, seed=11)
+    out: dict[str, Any] = {"levels": [lv.name for lv in art.levels], "modes": {}}
+    for mode in ("embedded", "distributed"):
+        srv = Server(mode, art_path, token_budget, logs)
+        try:
+            res: dict[str, Any] = {"ready_s": srv.ready_s}
+            cursor = 0
+            miss_rates, inproc_rates, miss_lat = [], [], []
+            for _ in range(reps):
+                seqs = pool[cursor : cursor + n_miss]
+                cursor += n_miss
+                residues = sum(map(len, seqs))
+                bodies = [{"input": s, "dimensions": k_max} for s in seqs]
+                wall, lat = asyncio.run(closed_loop(srv.base, bodies, concurrency))
+                miss_rates.append(residues / wall)
+                miss_lat += lat
+                t0 = time.perf_counter()
+                embedder.compute(seqs, stop=len(art.levels) - 1, pooling=Pooling.mean)
+                inproc_rates.append(residues / (time.perf_counter() - t0))
+            res["miss"] = {
+                "residues_per_s": summary(miss_rates),
+                "latency": pct(miss_lat),
+                "concurrency": concurrency,
+                "requests_per_rep": n_miss,
+            }
+            res["inprocess_residues_per_s"] = summary(inproc_rates)
+            res["miss_over_inprocess"] = summary(
+                [a / b for a, b in zip(miss_rates, inproc_rates, strict=True)]
+            )
+
+            # Partial hits: level 1 cached at k_low, then the full k.
+            seqs = pool[cursor : cursor + n_miss]
+            cursor += n_miss
+            asyncio.run(
+                closed_loop(
+                    srv.base, [{"input": s, "dimensions": k_low} for s in seqs], concurrency
+                )
+            )
+            wall, lat = asyncio.run(
+                closed_loop(
+                    srv.base, [{"input": s, "dimensions": k_max} for s in seqs], concurrency
+                )
+            )
+            res["partial"] = {"residues_per_s": sum(map(len, seqs)) / wall, "latency": pct(lat)}
+
+            # Full hits at a fixed arrival rate.
+            hot = pool[:200]
+            n = int(hit_rate * hit_seconds)
+            bodies = [{"input": hot[i % len(hot)], "dimensions": k_max} for i in range(n)]
+            asyncio.run(closed_loop(srv.base, [{"input": s, "dimensions": k_max} for s in hot], 8))
+            wall, lat = asyncio.run(open_loop(srv.base, bodies, hit_rate))
+            res["full_hit"] = {
+                "target_rps": hit_rate,
+                "achieved_rps": n / wall,
+                "latency": pct(lat),
+            }
+            out["modes"][mode] = res
+        finally:
+            srv.close()
+    return out
+
+
+def run(
+    reps: int = 3,
+    n_miss: int = 48,
+    hit_rate: float = 200.0,
+    hit_seconds: float = 10.0,
+    concurrency: int = 32,
+    token_budget: int = 8192,
+    quick: bool = False,
+) -> dict[str, Any]:
+    logs = CACHE / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    results = {
+        name: run_chain(
+            name, refs, reps, n_miss, hit_rate, hit_seconds, concurrency, token_budget, logs
+        )
+        for name, refs in chains(quick).items()
+    }
+    return {"token_budget": token_budget, "chains": results}
+
+
+QUICK = {"reps": 1, "n_miss": 8, "hit_seconds": 1.0, "concurrency": 4}
+
+
+def markdown(res: dict[str, Any]) -> str:
+    lines = [
+        f"**Service** (loopback, budget {res['token_budget']} tokens)",
+        "",
+        "| chain | mode | miss residues/s | miss / in-process (≥ 0.8) | partial p50/p99 ms | "
+        "full-hit p50/p95/p99 ms @ rps (p99 < 10 ms @ 200) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for chain, c in res["chains"].items():
+        for mode, r in c["modes"].items():
+            fh = r["full_hit"]["latency"]
+            lines.append(
+                f"| {chain} | {mode} | {fmt_range(r['miss']['residues_per_s'], ',.0f')} | "
+                f"{fmt_range(r['miss_over_inprocess'])} | "
+                f"{r['partial']['latency']['p50_ms']:.1f} / {r['partial']['latency']['p99_ms']:.1f} | "
+                f"{fh['p50_ms']:.2f} / {fh['p95_ms']:.2f} / {fh['p99_ms']:.2f} @ "
+                f"{r['full_hit']['achieved_rps']:.0f} |"
+            )
+    return "\n".join(lines)
