@@ -1,1 +1,1 @@
-"""rdserve benchmarks: run with `benchmarks/run [suite …] [--quick]`; results in benchmarks/results/."""
+"""rdserve benchmarks: `benchmarks/run [suite …] [--quick]`; results in benchmarks/results/."""
