@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from importlib import resources
 from pathlib import Path
 
 from app.cache import MemoryCache, RedisCache
@@ -16,11 +15,11 @@ from app.worker import Worker
 from models.artifact import Artifact, load_artifact, save_artifact
 from models.embedder import Embedder
 from models.families import build_chain, family_class
-from models.sequences import clean_sequences, read_fasta
+from models.sequences import clean_sequences, packaged_sample, read_fasta
 
 log = logging.getLogger(__name__)
 
-PACKAGED_SAMPLE = "uniref90_sample_1k.fasta"
+PACKAGED_SAMPLE = packaged_sample().name
 
 
 def default_artifact_path(settings: Settings) -> Path:
@@ -32,9 +31,7 @@ def default_artifact_path(settings: Settings) -> Path:
 
 def packaged_sequences(n: int) -> list[str]:
     """The first n of the 1,000 UniRef90 sequences shipped in the package (models/data)."""
-    path = resources.files("models") / "data" / PACKAGED_SAMPLE
-    with resources.as_file(path) as p:
-        return clean_sequences(s for _, s in read_fasta(p, n))
+    return clean_sequences(s for _, s in read_fasta(packaged_sample(), n))
 
 
 def ensure_artifact(settings: Settings) -> Path:

@@ -33,7 +33,13 @@ from models.families.base import LevelMismatchError
 from models.fit import fit_artifact
 from models.rd import Regressor
 from models.reference import import_reference
-from models.sequences import LongSequencePolicy, SequenceError, clean_sequences, read_fasta
+from models.sequences import (
+    LongSequencePolicy,
+    SequenceError,
+    clean_sequences,
+    packaged_sample,
+    read_fasta,
+)
 
 cli = typer.Typer(
     name="rdserve",
@@ -135,8 +141,15 @@ def run_fit(
 
 @cli.command()
 def fit(
-    fasta: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="fitting sequences")],
     out: Annotated[Path, typer.Option(help="artifact path (.safetensors)")],
+    fasta: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="fitting sequences (default: the packaged 1,000 UniRef90 sequences)",
+        ),
+    ] = None,
     family: Annotated[str, typer.Option(help="model family")] = "esm2",
     models: Annotated[
         str | None, typer.Option(help="comma list, smallest first: hub ids or dirs")
@@ -159,6 +172,7 @@ def fit(
         if not spec:
             raise ValueError("give --models (hub ids or local dirs) or --levels (ESM-2 shorthands)")
         refs = split_models(spec, family)
+        fasta = fasta or packaged_sample()
         _, seqs = read_sequences(fasta, max_seqs)
         art = run_fit(
             family,

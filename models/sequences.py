@@ -94,6 +94,11 @@ def iter_fasta(path: str | Path) -> Iterator[tuple[str, str]]:
         yield name, "".join(parts)
 
 
+def packaged_sample() -> Path:
+    """The 1,000 UniRef90 sequences shipped in the package (see models/data/README.md)."""
+    return Path(__file__).resolve().parent / "data" / "uniref90_sample_1k.fasta"
+
+
 def read_fasta(path: str | Path, max_records: int | None = None) -> list[tuple[str, str]]:
     """Read up to max_records records of a FASTA file (in file order)."""
     out: list[tuple[str, str]] = []
