@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -18,7 +19,9 @@ from models.artifact import Artifact
 from models.extract import Pooling
 from models.families import family_class
 from models.projection import assemble
-from models.sequences import Handling, LongSequencePolicy, SequenceError, clean_sequence
+from models.sequences import LongSequencePolicy, SequenceError, clean_sequence
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -142,6 +145,8 @@ class EmbeddingService:
     async def embed(self, req: EmbeddingRequest, request_id: str) -> Outcome:
         seqs, k = self._validate(req)
         stop = self.artifact.level_for_dim(k)
+        if self.settings.log_sequences:  # opt-in only: sequences can be confidential
+            log.debug("sequences", extra={"request_id": request_id, "sequences": seqs})
         pooling, policy = str(req.pooling), req.long_sequence_policy
         bucket = m.k_bucket(k, self.artifact.dims)
         m.ITEMS.labels(bucket, pooling).inc(len(seqs))
@@ -238,7 +243,3 @@ class EmbeddingService:
             if not per_residue or sum(b.nbytes for b in entry.blocks) <= cap:
                 stores.append((key, w.start, entry))
         await self.cache.put_many(stores)
-
-    @staticmethod
-    def truncated(handling: str) -> bool:
-        return handling == Handling.truncated

@@ -7,12 +7,16 @@ import platform
 import random
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # reuse the tests' process helpers (tests/procs.py)
+import procs  # noqa: E402, F401 — re-exported to the service and cold-start benchmarks
+
 SHARED = REPO.parent / "shared" / "data"
 UNIREF = SHARED / "sequences" / "uniref90_sample_10k.fasta"
 ESM2_CONFIGS = SHARED / "esm2"
@@ -146,10 +150,10 @@ def git_rev() -> str:
         return "unknown"
 
 
-def save(name: str, data: dict[str, Any], command: str) -> Path:
-    """benchmarks/results/<name>.json with machine, git revision and the reproducing command."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+def save(name: str, data: dict[str, Any], command: str, results: Path = RESULTS) -> Path:
+    """<results>/<name>.json with machine, git revision and the reproducing command."""
+    results.mkdir(parents=True, exist_ok=True)
+    path = results / f"{name}.json"
     payload = {
         "benchmark": name,
         "command": command,

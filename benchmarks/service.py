@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -17,14 +16,11 @@ from typing import Any
 import httpx
 import numpy as np
 
-from benchmarks.common import CACHE, fmt_range, random_esm2, summary, tiny_esm2, uniref
+from benchmarks.common import CACHE, fmt_range, procs, random_esm2, summary, tiny_esm2, uniref
 from benchmarks.extraction import artifact_for
 from models.embedder import Embedder
 from models.extract import Pooling
 from models.families import build_chain
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from procs import Proc, clear_prefix, free_port, rdserve, wait_http
 
 REDIS_URL = os.environ.get("RDSERVE_BENCH_REDIS", "redis://127.0.0.1:6379/0")
 
@@ -41,7 +37,7 @@ class Server:
 
     def __init__(self, mode: str, artifact: Path, token_budget: int, logs: Path) -> None:
         self.prefix = f"rdserve-bench-{uuid.uuid4().hex[:8]}"
-        port = free_port()
+        port = procs.free_port()
         env = {
             "RDSERVE_ARTIFACT": str(artifact),
             "RDSERVE_DEVICE": "cpu",
@@ -49,28 +45,30 @@ class Server:
             "RDSERVE_LOG_LEVEL": "warning",
             "RDSERVE_MAX_QUEUE": "4096",
         }
-        self.procs: list[Proc] = []
+        self.procs: list[procs.Proc] = []
         if mode == "distributed":
             env |= {"RDSERVE_REDIS_URL": REDIS_URL, "RDSERVE_REDIS_PREFIX": self.prefix}
             self.procs.append(
-                rdserve(
+                procs.rdserve(
                     "worker", "--metrics-port", "0", env=env, log=logs / f"{self.prefix}-worker.log"
                 )
             )
         self.procs.append(
-            rdserve("serve", "--port", str(port), env=env, log=logs / f"{self.prefix}-api.log")
+            procs.rdserve(
+                "serve", "--port", str(port), env=env, log=logs / f"{self.prefix}-api.log"
+            )
         )
         self.mode = mode
         self.base = f"http://127.0.0.1:{port}"
         t0 = time.perf_counter()
-        wait_http(f"{self.base}/health/ready", self.procs[-1], timeout=300)
+        procs.wait_http(f"{self.base}/health/ready", self.procs[-1], timeout=300)
         self.ready_s = time.perf_counter() - t0
 
     def close(self) -> None:
         for p in self.procs:
             p.stop()
         if self.mode == "distributed":
-            clear_prefix(REDIS_URL, self.prefix)
+            procs.clear_prefix(REDIS_URL, self.prefix)
 
 
 async def _post(client: httpx.AsyncClient, body: dict) -> float:

@@ -6,8 +6,9 @@ import argparse
 import importlib
 import sys
 import time
+from pathlib import Path
 
-from benchmarks.common import save
+from benchmarks.common import RESULTS, save
 
 SUITES = {
     "extraction": "benchmarks.extraction",
@@ -27,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         help="small models and few repetitions (a smoke run; numbers not meaningful)",
     )
     ap.add_argument("--reps", type=int, default=None, help="repetitions per measurement")
+    ap.add_argument("--results-dir", type=Path, default=RESULTS, help="where the JSON goes")
     args = ap.parse_args(argv)
     chosen = args.suites or list(SUITES)
     sections = []
@@ -43,10 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         res["wall_s"] = round(time.perf_counter() - t0, 1)
         suffix = "-quick" if args.quick else ""
         cmd = "benchmarks/run " + name + (" --quick" if args.quick else "")
-        path = save(name + suffix, res, cmd)
-        sections.append(
-            mod.markdown(res) + f"\n\n_{path.relative_to(path.parents[2])}, {res['wall_s']} s_"
-        )
+        path = save(name + suffix, res, cmd, args.results_dir)
+        sections.append(mod.markdown(res) + f"\n\n_{path.name}, {res['wall_s']} s_")
     print("\n\n".join(sections))
     return 0
 

@@ -379,3 +379,16 @@ def test_readiness_grows_level_by_level(make_app):
         assert [lv["ready"] for lv in r.json()["levels"]] == [True, True, False]
         gate.set()
         assert wait_ready(c)["ready_up_to_dimensions"] == 64
+
+
+def test_sequences_are_logged_only_when_enabled(make_app, caplog):
+    caplog.set_level("DEBUG", logger="app.service")
+    for enabled in (False, True):
+        caplog.clear()
+        c, _ = make_app(log_sequences=enabled)
+        with c:
+            c.post("/v1/embeddings", json={"input": ["MKVLAW"], "dimensions": 4})
+        logged = [r for r in caplog.records if getattr(r, "sequences", None)]
+        assert bool(logged) is enabled
+        if enabled:
+            assert logged[0].sequences == ["MKVLAW"] and logged[0].request_id

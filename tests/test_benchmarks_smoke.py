@@ -1,0 +1,51 @@
+"""The benchmark scripts run (tiny, CPU) so they cannot rot; their numbers are not checked here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from procs import REPO
+
+
+def test_gpu_script_smoke(tmp_path):
+    out = tmp_path / "gpu.json"
+    subprocess.run(
+        [sys.executable, "benchmarks/gpu.py", "--smoke", "--out", str(out)],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    res = json.loads(out.read_text())
+    assert set(res["per_level"]["fp32"]) == {"8M", "35M", "150M", "650M", "3B"}
+    assert res["rd_vs_raw"]["mean"]["rd_over_raw"] > 0
+    assert [r["budget"] for r in res["budget_sweep"]["rows"]] == [1024, 2048]
+    assert {"sdpa", "eager"} <= set(res["kernels"])
+
+
+def test_benchmark_suite_quick(tmp_path):
+    p = subprocess.run(
+        [
+            "bash",
+            "benchmarks/run",
+            "extraction",
+            "batching",
+            "fit",
+            "service",
+            "coldstart",
+            "--quick",
+            "--results-dir",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    for name in ("extraction", "batching", "fit", "service", "coldstart"):
+        res = json.loads((tmp_path / f"{name}-quick.json").read_text())
+        assert res["command"].startswith(f"benchmarks/run {name}") and res["machine"]["cpu"]
+    assert "RD-k / raw chain throughput" in p.stdout and "Speed-up" in p.stdout
