@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from app.cache import MemoryCache, RedisCache
 from app.dispatch import EmbeddedDispatcher, LocalQueue
@@ -13,9 +14,10 @@ from app.settings import Settings
 from app.streams import RedisDispatcher
 from app.worker import Worker
 from models.artifact import Artifact, load_artifact, save_artifact
-from models.embedder import Embedder
-from models.families import build_chain, family_class
 from models.sequences import clean_sequences, packaged_sample, read_fasta
+
+if TYPE_CHECKING:
+    from models.embedder import Embedder
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +26,8 @@ PACKAGED_SAMPLE = packaged_sample().name
 
 def default_artifact_path(settings: Settings) -> Path:
     """<data_dir>/artifacts/<family>-<level names>.safetensors for the configured chain."""
+    from models.families import family_class
+
     levels = family_class(settings.family).resolve_levels(settings.model_list, settings.revision)
     name = "-".join([settings.family, *(lv.name for lv in levels)])
     return settings.data_dir / "artifacts" / f"{name}.safetensors"
@@ -65,6 +69,10 @@ def build_embedder(
     settings: Settings, artifact: Artifact, models: list[str] | None = None
 ) -> Embedder:
     """The artifact's chain (or an override, e.g. local dirs on this machine) on the device."""
+    # torch and the model code load here, not at import: a distributed API never needs them.
+    from models.embedder import Embedder
+    from models.families import build_chain
+
     if models:
         family = build_chain(
             artifact.family,

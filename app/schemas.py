@@ -6,8 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.extract import Pooling
-from models.sequences import LongSequencePolicy
+from models.sequences import LongSequencePolicy, Pooling
 
 
 class EmbeddingRequest(BaseModel):

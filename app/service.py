@@ -16,10 +16,9 @@ from app.jobs import Job, WorkItem
 from app.schemas import EmbeddingRequest
 from app.settings import Settings
 from models.artifact import Artifact
-from models.extract import Pooling
-from models.families import family_class
-from models.projection import assemble
-from models.sequences import LongSequencePolicy, SequenceError, clean_sequence
+from models.blocks import assemble
+from models.sequences import LongSequencePolicy, Pooling, SequenceError, clean_sequence
+from models.specs import family_spec
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +52,7 @@ class EmbeddingService:
         self.cache = cache
         self.dispatcher = dispatcher
         self.settings = settings
-        self.family = family_class(artifact.family)
+        self.family = family_spec(artifact.family)
         self.namespace = cache_namespace(artifact)
 
     def accepts_model(self, name: str | None) -> bool:

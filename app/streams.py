@@ -21,7 +21,7 @@ import socket
 import threading
 import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 import redis.asyncio as aioredis
@@ -29,7 +29,9 @@ import redis.asyncio as aioredis
 from app import metrics as m
 from app.dispatch import FleetStatus, NoWorkerError, QueueFullError
 from app.jobs import Job, JobResult, job_from_wire, job_to_wire, result_from_wire, result_to_wire
-from app.worker import WorkerState
+
+if TYPE_CHECKING:
+    from app.worker import WorkerState
 
 log = logging.getLogger(__name__)
 

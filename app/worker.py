@@ -15,15 +15,17 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from app import metrics as m
 from app.jobs import ItemResult, Job, JobResult
-from models.embedder import Embedder
-from models.extract import ForwardStats, Pooling
-from models.sequences import LongSequencePolicy
+from models.sequences import LongSequencePolicy, Pooling
+
+if TYPE_CHECKING:  # torch-heavy; the worker receives a ready Embedder
+    from models.embedder import Embedder
+    from models.extract import ForwardStats
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 
 from models import __version__
-from models.families.base import Level
 from models.rd import StepParams, StepStats
+from models.specs import Level
 
 FORMAT = "rdserve.projection/1"
 _META_KEY = "rdserve"

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import numpy as np
 import typer
@@ -26,20 +26,21 @@ from rich.progress import (
 from rich.table import Table
 
 from models.artifact import Artifact, ArtifactError, load_artifact, save_artifact
-from models.embedder import Embedder
-from models.extract import Pooling
-from models.families import WeightsUnavailableError, build_chain, family_class
-from models.families.base import LevelMismatchError
-from models.fit import fit_artifact
+from models.errors import LevelMismatchError, WeightsUnavailableError
 from models.rd import Regressor
 from models.reference import import_reference
 from models.sequences import (
     LongSequencePolicy,
+    Pooling,
     SequenceError,
     clean_sequences,
     packaged_sample,
     read_fasta,
 )
+from models.specs import family_spec
+
+if TYPE_CHECKING:  # torch and the model code load inside the commands that run models
+    from models.embedder import Embedder
 
 cli = typer.Typer(
     name="rdserve",
@@ -93,7 +94,7 @@ def split_models(models: str, family: str) -> list[str]:
     refs = [m.strip() for m in models.split(",") if m.strip()]
     if not refs:
         raise ValueError("no models given")
-    family_class(family)
+    family_spec(family)
     return refs
 
 
@@ -125,6 +126,9 @@ def run_fit(
     source: str | None = None,
 ) -> Artifact:
     """Fit an artifact with a progress bar (shared by `rdserve fit` and first-start fitting)."""
+    from models.families import build_chain
+    from models.fit import fit_artifact
+
     family = build_chain(family_name, models=refs, revision=revision, device=device, dtype=dtype)
     names = " → ".join(f"{lv.name} ({lv.dim})" for lv in family.levels)
     err.print(f"fitting {family.name}: {names} on {len(seqs):,} sequences, regressor {regressor}")
@@ -195,6 +199,9 @@ def load_embedder(
     artifact: Path, models: str | None, device: str, dtype: str, token_budget: int
 ) -> Embedder:
     """Artifact + the chain its metadata names (or --models overrides)."""
+    from models.embedder import Embedder
+    from models.families import build_chain
+
     art = load_artifact(artifact)
     if models:
         family = build_chain(
@@ -315,6 +322,8 @@ def import_reference_cmd(
 ) -> None:
     """Convert the reference implementation's rd-scaler-*.npz files into an artifact."""
     with user_errors():
+        from models.families import family_class
+
         levels = family_class(family).resolve_levels(split_models(models, family))
         art = save_artifact(import_reference(directory, family, levels, regressor, pca, nseqs), out)
     print_info(art, out)
@@ -338,7 +347,7 @@ def fetch_weights(
     from models.weights import UNIREP_WEIGHTS_LICENSE, WeightsFetchError, fetch_unirep_weights
 
     with user_errors():
-        family_class(family)  # an unknown family fails listing the known ones
+        family_spec(family)  # an unknown family fails listing the known ones
         if family != "unirep":
             raise ValueError(f"family {family!r} loads its weights from the Hugging Face hub")
         wanted = [s.strip() for s in sizes.split(",") if s.strip()]
@@ -349,3 +358,148 @@ def fetch_weights(
     for size, path in paths.items():
         typer.echo(f"unirep {size}: {path}")
     err.print(f"note: the UniRep weights are licensed {UNIREP_WEIGHTS_LICENSE} (non-commercial)")
+
+
+eval_app = typer.Typer(
+    help="Evaluate embeddings on downstream benchmarks (needs the 'eval' extra).",
+    no_args_is_help=True,
+)
+cli.add_typer(eval_app, name="eval")
+
+
+def _eval_command(
+    artifact: Path,
+    assays: list[Path],
+    options: list[tuple[str, object]],
+) -> str:
+    """The canonical command line of a run (every option explicit), for the report."""
+    import shlex
+
+    parts = ["rdserve", "eval", "proteingym", "--artifact", str(artifact)]
+    for p in assays:
+        parts += ["--assays", str(p)]
+    for flag, value in options:
+        if value is not None:
+            parts += [flag, str(value)]
+    return shlex.join(parts)
+
+
+@eval_app.command("proteingym")
+def eval_proteingym(
+    artifact: Annotated[Path, typer.Option(help="projection artifact")],
+    assays: Annotated[
+        list[Path],
+        typer.Option(help="ProteinGym CSV file or directory of CSVs (repeatable)"),
+    ],
+    more_assays: Annotated[
+        list[Path] | None, typer.Argument(hidden=True, help="further assay paths")
+    ] = None,
+    max_len: Annotated[int, typer.Option(help="skip assays whose wild type is longer")] = 600,
+    max_variants: Annotated[
+        int | None, typer.Option(help="seeded uniform subsample of variants per assay")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="subsample and random-fold seed")] = 0,
+    out_dir: Annotated[Path, typer.Option(help="where <name>.md/.csv/.png go")] = Path("."),
+    name: Annotated[str, typer.Option(help="report file stem")] = "proteingym",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    token_budget: BudgetOpt = 8192,
+    embeddings_cache: Annotated[
+        Path | None,
+        typer.Option(help="cache of pooled raw embeddings (default <cache>/eval-embeddings)"),
+    ] = None,
+    notes: Annotated[
+        Path | None, typer.Option(exists=True, dir_okay=False, help="markdown appended to report")
+    ] = None,
+    record_command: Annotated[
+        list[str] | None,
+        typer.Option(help="extra command listed in the report, e.g. the artifact's fit"),
+    ] = None,
+) -> None:
+    """Linear-probe Spearman on DMS assays: raw vs RD per level, plus the truncation curve."""
+    import time
+
+    from models.evaluation.proteingym import (
+        AssayResult,
+        EvalSettings,
+        Hooks,
+        PooledChain,
+        find_assays,
+        run_proteingym,
+    )
+    from models.evaluation.report import write_reports
+    from models.families.base import default_cache_dir
+
+    with user_errors():
+        given = [*assays, *(more_assays or [])]
+        paths = find_assays(given)
+        if max_variants is not None and max_variants < 10:
+            raise ValueError("--max-variants must be ≥ 10 (5 folds of ≥ 2 variants)")
+        embedder = load_embedder(artifact, None, device, dtype, token_budget)
+        cache = embeddings_cache or default_cache_dir() / "eval-embeddings"
+        chain = PooledChain(embedder.extractor, cache)
+        settings = EvalSettings(max_len=max_len, max_variants=max_variants, seed=seed)
+        command = _eval_command(
+            artifact,
+            given,
+            [
+                ("--max-len", max_len),
+                ("--max-variants", max_variants),
+                ("--seed", seed),
+                ("--out-dir", out_dir),
+                ("--name", name),
+                ("--device", device),
+                ("--token-budget", token_budget),
+                ("--embeddings-cache", embeddings_cache),
+                ("--notes", notes),
+            ],
+        )
+        t0 = time.perf_counter()
+        with progress_bar() as bar:
+            total = bar.add_task("assays", total=len(paths), residues=0)
+            batches = bar.add_task("batches", total=None, residues=0)
+            done = {"all": 0, "assay": 0}  # residues embedded: in all, in the current assay
+
+            def start(assay: str, n_batches: int) -> None:
+                done["assay"] = 0
+                bar.reset(batches, total=n_batches, description=assay, residues=0)
+
+            def batch(n_seqs: int, n_res: int) -> None:
+                done["all"] += n_res
+                done["assay"] += n_res
+                bar.update(batches, advance=1, residues=done["assay"])
+                bar.update(total, residues=done["all"])
+
+            def finished(r: AssayResult) -> None:
+                d = embedder.artifact.dims[-1]
+                bar.console.print(
+                    f"{r.name}: L={r.length} n={r.n_variants} "
+                    f"{'cached' if r.cached else f'embedded in {r.embed_seconds:.0f}s'}, "
+                    f"raw-{d} ρ={r.scores[f'raw-{d}']:.3f}, rd-{d} ρ={r.scores[f'rd-{d}']:.3f}",
+                    highlight=False,
+                )
+                bar.update(total, advance=1)
+
+            def skipped(assay: str, reason: str) -> None:
+                bar.console.print(f"{assay}: skipped ({reason})", highlight=False)
+                bar.update(total, advance=1)
+
+            ev = run_proteingym(
+                paths,
+                chain,
+                embedder.projector,
+                settings,
+                Hooks(assay_start=start, batch=batch, assay_done=finished, skipped=skipped),
+            )
+        written = write_reports(
+            ev,
+            embedder.artifact,
+            artifact,
+            out_dir,
+            name,
+            [*(record_command or []), command],
+            notes.read_text() if notes else None,
+        )
+    err.print(f"evaluated {len(ev.results)} assays in {time.perf_counter() - t0:,.0f} s")
+    for p in written:
+        typer.echo(str(p))

@@ -10,9 +10,10 @@ import numpy as np
 import torch
 
 from models.artifact import Artifact, check_levels_match
+from models.blocks import assemble
 from models.extract import Extractor, ForwardObserver, Pooling
 from models.families.base import ModelFamily
-from models.projection import Projector, assemble
+from models.projection import Projector
 from models.sequences import Handling, LongSequencePolicy
 
 log = logging.getLogger(__name__)

@@ -5,22 +5,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 
 import numpy as np
 import torch
 
+__all__ = ["BatchOutput", "BatchPlan", "Extractor", "ForwardStats", "Pooling"]
+
 from models.batching import plan_batches
 from models.families.base import ModelFamily
-from models.sequences import Handling, LongSequencePolicy, Segment, plan_segments
-
-
-class Pooling(StrEnum):
-    """How per-residue representations become the returned embedding."""
-
-    mean = "mean"  # mean over residues (special tokens and padding excluded)
-    per_residue = "per_residue"  # one vector per residue
-    bos = "bos"  # the start-token representation
+from models.sequences import Handling, LongSequencePolicy, Pooling, Segment, plan_segments
 
 
 @dataclass(frozen=True, slots=True)

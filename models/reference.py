@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from models.artifact import Artifact, ArtifactError
-from models.families.base import Level
 from models.rd import StepParams, StepStats
+from models.specs import Level
 
 _NAME = re.compile(
     r"^(?P<kind>[a-z]+)-scaler-(?P<inp>[^-]+)-(?P<out>[^-]+)-(?P<reg>[a-z]+)-(?P<pca>[^-]+)-(?P<nseqs>[^-]+)\.npz$"

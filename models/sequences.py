@@ -33,6 +33,14 @@ class LongSequencePolicy(StrEnum):
     chunk = "chunk"  # overlapping windows, per-residue outputs averaged where they overlap
 
 
+class Pooling(StrEnum):
+    """How per-residue representations become the returned embedding."""
+
+    mean = "mean"  # mean over residues (special tokens and padding excluded)
+    per_residue = "per_residue"  # one vector per residue
+    bos = "bos"  # the start-token representation
+
+
 class Handling(StrEnum):
     """How a sequence was fed to the model."""
 

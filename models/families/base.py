@@ -12,15 +12,10 @@ from typing import Any, ClassVar
 
 import torch
 
+from models.errors import LevelMismatchError, WeightsUnavailableError
+from models.specs import FamilySpec, Level
 
-@dataclass(frozen=True, slots=True)
-class Level:
-    """One model of a family's chain."""
-
-    name: str  # short name, e.g. "8M" or "1900"
-    dim: int  # width of its per-residue representation
-    model_id: str  # hub id, local directory or weights reference
-    revision: str | None = None  # pinned hub revision (None: default branch)
+__all__ = ["Level", "LevelMismatchError", "LevelOutput", "ModelFamily", "WeightsUnavailableError"]
 
 
 @dataclass(slots=True)
@@ -30,19 +25,6 @@ class LevelOutput:
     residues: torch.Tensor  # (B, T, d) float32; [b, t] is residue t of row b
     mask: torch.Tensor  # (B, T) bool; True on real residues
     bos: torch.Tensor | None  # (B, d) float32 start-token representation, if the family has one
-
-
-class WeightsUnavailableError(RuntimeError):
-    """Model weights could not be obtained (offline, no cache, bad path)."""
-
-    def __init__(self, levels: Sequence[Level], cause: str, hint: str) -> None:
-        self.levels, self.cause, self.hint = tuple(levels), cause, hint
-        names = ", ".join(f"{lv.name} ({lv.model_id})" for lv in levels)
-        super().__init__(f"cannot load model weights for {names}: {cause}\n{hint}")
-
-
-class LevelMismatchError(ValueError):
-    """A loaded model does not match the level it was declared as (e.g. artifact metadata)."""
 
 
 def default_cache_dir() -> Path:
@@ -87,6 +69,13 @@ class ModelFamily(ABC):
     max_residues: ClassVar[int | None]  # context limit in residues; None = unlimited
     special_tokens: ClassVar[int]  # tokens added per sequence (counted in batch budgets)
     has_bos: ClassVar[bool]  # whether a start-token representation exists ('bos' pooling)
+
+    def __init_subclass__(cls, spec: FamilySpec | None = None, **kw: Any) -> None:
+        """``class X(ModelFamily, spec=FAMILY_SPECS[...])``: the torch-free spec is the source."""
+        super().__init_subclass__(**kw)
+        if spec is not None:
+            cls.name, cls.max_residues = spec.name, spec.max_residues
+            cls.special_tokens, cls.has_bos = spec.special_tokens, spec.has_bos
 
     def __init__(
         self,

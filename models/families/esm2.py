@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from models.families.base import Level, LevelOutput, ModelFamily, WeightsUnavailableError
+from models.specs import FAMILY_SPECS
 
 #: Shorthand → (hub id, representation width) for the published ESM-2 sizes.
 ESM2_PRESETS: dict[str, tuple[str, int]] = {
@@ -41,13 +42,8 @@ class EsmBatch:
     residue_mask: torch.Tensor  # (B, T) bool
 
 
-class ESM2Family(ModelFamily):
+class ESM2Family(ModelFamily, spec=FAMILY_SPECS["esm2"]):
     """ESM-2: final-layer per-residue representations, <cls>/<eos>/padding excluded."""
-
-    name = "esm2"
-    max_residues = 1022  # 1024-token context minus <cls> and <eos>
-    special_tokens = 2
-    has_bos = True
 
     def __init__(
         self,

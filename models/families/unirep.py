@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from models.families.base import Level, LevelOutput, ModelFamily, WeightsUnavailableError
+from models.specs import FAMILY_SPECS
 from models.weights import (
     UNIREP_SIZES,
     UNIREP_WHEEL_SPEC,
@@ -198,13 +199,8 @@ class UniRepModel(torch.nn.Module):
         return hidden @ self.dense_w + self.dense_b
 
 
-class UniRepFamily(ModelFamily):
+class UniRepFamily(ModelFamily, spec=FAMILY_SPECS["unirep"]):
     """UniRep mLSTM: per-residue last-layer hidden states h_t after consuming residue t."""
-
-    name = "unirep"
-    max_residues = None  # recurrent: no context limit
-    special_tokens = 1  # the start token, one recurrent step before the first residue
-    has_bos = False
 
     @classmethod
     def resolve_levels(cls, refs: Sequence[str], revision: str | None = None) -> list[Level]:
