@@ -12,7 +12,7 @@ from app.dispatch import EmbeddedDispatcher, LocalQueue
 from app.service import EmbeddingService
 from app.settings import Settings
 from app.streams import RedisDispatcher
-from app.worker import Worker
+from app.worker import JobSource, Worker
 from models.artifact import Artifact, load_artifact, save_artifact
 from models.sequences import clean_sequences, packaged_sample, read_fasta
 
@@ -93,8 +93,9 @@ def build_embedder(
     return Embedder(family, artifact, settings.token_budget, settings.chunk_overlap)
 
 
-def build_worker(embedder: Embedder, source: object, settings: Settings, name: str) -> Worker:
-    return Worker(embedder, source, name, settings.token_budget, settings.batch_wait_ms / 1000)  # type: ignore[arg-type]
+def build_worker(embedder: Embedder, source: JobSource, settings: Settings, name: str) -> Worker:
+    """The worker loop over a job source, batching as the settings say."""
+    return Worker(embedder, source, name, settings.token_budget, settings.batch_wait_ms / 1000)
 
 
 def embedded_service(

@@ -10,6 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import JSONResponse, Response
 
 from app import metrics as m
+from app.dispatch import FleetStatus
 from app.encoding import NPY, binary_body, json_body, wants_npy
 from app.errors import install_handlers
 from app.middleware import Gate
@@ -73,7 +74,7 @@ def create_app(service: EmbeddingService) -> FastAPI:
     )
     install_handlers(app)
 
-    async def levels_info() -> tuple[list[LevelInfo], int, object]:
+    async def levels_info() -> tuple[list[LevelInfo], int, FleetStatus]:
         st = await service.dispatcher.status()
         infos, ready_dim = [], 0
         for i, lv in enumerate(art.levels):
