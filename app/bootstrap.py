@@ -122,7 +122,9 @@ def distributed_service(settings: Settings, artifact: Artifact) -> EmbeddingServ
     )
     # The cache gets its own client with short timeouts: a slow Redis must not stall requests.
     cache_client = aioredis.from_url(
-        settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0
+        settings.cache_redis_url or settings.redis_url,
+        socket_timeout=1.0,
+        socket_connect_timeout=1.0,
     )
     dispatcher = RedisDispatcher(
         dispatch_client,

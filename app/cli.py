@@ -97,11 +97,10 @@ def worker(
 ) -> None:
     """Run a worker: consume jobs from Redis, run the chain, reply (one per GPU)."""
     import redis
-    from prometheus_client import start_http_server
 
     from app.bootstrap import build_embedder, build_worker, load_served_artifact
-    from app.metrics import REGISTRY
     from app.streams import Heartbeat, RedisJobSource, default_worker_id
+    from app.worker_server import serve_worker_http
 
     s = _settings(
         artifact=artifact,
@@ -121,8 +120,10 @@ def worker(
     client = redis.Redis.from_url(s.redis_url, socket_timeout=30, health_check_interval=30)
     source = RedisJobSource(client, s.redis_prefix, name, s.claim_idle_s)
     w = build_worker(embedder, source, s, name)
-    if s.metrics_port:
-        start_http_server(s.metrics_port, registry=REGISTRY)
+    if s.metrics_port:  # /metrics and a /health/live that fails when the loop stalls
+        serve_worker_http(
+            s.metrics_port, w.state, lambda: w.last_turn, stall_s=max(60.0, s.request_timeout_s)
+        )
     beat = Heartbeat(
         client, s.redis_prefix, w.state, art.sha256, str(embedder.family.device), s.heartbeat_s
     )

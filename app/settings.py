@@ -16,7 +16,8 @@ def _xdg_data() -> Path:
 class Settings(BaseSettings):
     """rdserve configuration (CLI flags override these; the README table is generated from it)."""
 
-    model_config = SettingsConfigDict(env_prefix="RDSERVE_", extra="ignore")
+    # Empty variables (compose's ${VAR:-}) mean "unset", not "".
+    model_config = SettingsConfigDict(env_prefix="RDSERVE_", extra="ignore", env_ignore_empty=True)
 
     # Models and artifact
     family: str = Field("esm2", description="Model family of the default chain (esm2, unirep).")
@@ -72,6 +73,9 @@ class Settings(BaseSettings):
 
     # Distributed mode
     redis_url: str | None = Field(None, description="Redis URL; set it for distributed mode.")
+    cache_redis_url: str | None = Field(
+        None, description="Separate Redis for the cache (an LRU instance); default: redis_url."
+    )
     redis_prefix: str = Field("rdserve", description="Key prefix of every Redis key.")
     worker_id: str | None = Field(
         None, description="Worker name in the consumer group (default host-pid)."

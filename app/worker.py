@@ -100,6 +100,7 @@ class Worker:
         self.artifact_sha = embedder.artifact.sha256
         self.level_names = [lv.name for lv in embedder.artifact.levels]
         self.state = WorkerState(name, len(self.level_names))
+        self.last_turn = time.time()  # unix time of the last loop turn (liveness)
         self._stop = threading.Event()
 
     # -- start-up -------------------------------------------------------------------------------
@@ -130,7 +131,8 @@ class Worker:
         m.WORKER_UP.set(1)
         try:
             while not self._stop.is_set():
-                m.WORKER_HEARTBEAT.set(time.time())
+                self.last_turn = time.time()
+                m.WORKER_HEARTBEAT.set(self.last_turn)
                 jobs = self.source.take(self.budget, self.wait_s)
                 if jobs:
                     self.process(jobs)

@@ -236,3 +236,24 @@ def test_cache_failure_never_fails_a_request(tiny_artifact):
         assert metric(c, "rdserve_cache_errors_total", op="get") == errs + 1
         assert metric(c, "rdserve_cache_errors_total", op="put") >= 1
     asyncio.run(dead.aclose())
+
+
+def test_worker_liveness_endpoint_reports_a_stalled_loop():
+    """/health/live on the worker's metrics port: 200 while the loop turns, 503 once it stalls."""
+    from app.worker import WorkerState
+    from app.worker_server import serve_worker_http
+
+    state = WorkerState("w-test", 2)
+    state.running = True
+    turn = {"t": time.time()}
+    port = free_port()
+    server = serve_worker_http(port, state, lambda: turn["t"], stall_s=5, host="127.0.0.1")
+    try:
+        r = httpx.get(f"http://127.0.0.1:{port}/health/live")
+        assert r.status_code == 200 and r.json()["status"] == "live"
+        turn["t"] -= 10
+        r = httpx.get(f"http://127.0.0.1:{port}/health/live")
+        assert r.status_code == 503 and r.json()["status"] == "stalled"
+        assert "rdserve_worker_up" in httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    finally:
+        server.shutdown()
