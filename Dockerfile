@@ -21,11 +21,11 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 RUN python -m venv /opt/venv \
     && pip install --no-cache-dir --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY models ./models
 COPY app ./app
 # A regular (non-editable) install: the runtime stage needs the venv only, not /src.
-RUN pip install --no-cache-dir . \
+RUN pip install --no-cache-dir -c constraints.txt . \
     && rdserve --help > /dev/null
 
 # ---- runtime ----------------------------------------------------------------------------------
