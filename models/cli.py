@@ -392,11 +392,13 @@ def eval_proteingym(
         typer.Option(help="ProteinGym CSV file or directory of CSVs (repeatable)"),
     ],
     more_assays: Annotated[
-        list[Path] | None, typer.Argument(hidden=True, help="further assay paths")
+        list[Path] | None,
+        typer.Argument(hidden=True, metavar="[PATH]...", help="further assay paths"),
     ] = None,
     max_len: Annotated[int, typer.Option(help="skip assays whose wild type is longer")] = 600,
     max_variants: Annotated[
-        int | None, typer.Option(help="seeded uniform subsample of variants per assay")
+        int | None,
+        typer.Option(help="seeded uniform subsample of variants per assay (default: all)"),
     ] = None,
     seed: Annotated[int, typer.Option(help="subsample and random-fold seed")] = 0,
     out_dir: Annotated[Path, typer.Option(help="where <name>.md/.csv/.png go")] = Path("."),

@@ -178,6 +178,7 @@ def test_second_run_does_no_forwards_and_gives_the_same_scores(chain, assay_dir)
     assert [r.cached for r in second.results] == [True, True]
     for a, b in zip(first.results, second.results, strict=True):
         assert a.scores == b.scores
+        assert a.forward_seconds == b.forward_seconds > 0  # the cost is kept with the entry
 
     # Another subsample is another cache entry (forwards again).
     run_proteingym(paths, pooled, projector, EvalSettings(60, 30, 0), observer=forwards.append)

@@ -1,0 +1,1 @@
+"""Supervised evaluation of (reverse-distilled) embeddings: ProteinGym DMS linear probes."""
