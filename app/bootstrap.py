@@ -95,7 +95,8 @@ def build_embedder(
 
 def build_worker(embedder: Embedder, source: JobSource, settings: Settings, name: str) -> Worker:
     """The worker loop over a job source, batching as the settings say."""
-    return Worker(embedder, source, name, settings.token_budget, settings.batch_wait_ms / 1000)
+    budget = embedder.extractor.token_budget  # the resolved (device-dependent) budget
+    return Worker(embedder, source, name, budget, settings.batch_wait_ms / 1000)
 
 
 def embedded_service(

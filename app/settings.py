@@ -46,7 +46,12 @@ class Settings(BaseSettings):
     )
 
     # Batching
-    token_budget: int = Field(8192, ge=64, description="Tokens per model batch, padding included.")
+    token_budget: int | None = Field(
+        None,
+        ge=64,
+        description="Tokens per model batch, padding included (default: 1536 on "
+        "CPU, 16384 on CUDA).",
+    )
     batch_wait_ms: float = Field(
         2.0, ge=0, description="How long the worker waits for more requests to fill a batch."
     )

@@ -45,7 +45,7 @@ def run(
     family_name: str = "esm2",
     n_seqs: int = 64,
     reps: int = 3,
-    token_budget: int = 8192,
+    token_budget: int | None = None,
     quick: bool = False,
 ) -> dict[str, Any]:
     refs = chain_for(family_name, quick)
@@ -82,7 +82,7 @@ def run(
         "levels": [{"name": lv.name, "dim": lv.dim, "model": lv.model_id} for lv in family.levels],
         "sequences": len(seqs),
         "residues": residues,
-        "token_budget": token_budget,
+        "token_budget": ex.token_budget,
         "residues_per_s": {
             name: summary([residues / t for t in ts]) for name, ts in per_level.items()
         },

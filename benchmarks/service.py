@@ -18,6 +18,7 @@ import numpy as np
 
 from benchmarks.common import CACHE, fmt_range, procs, random_esm2, summary, tiny_esm2, uniref
 from benchmarks.extraction import artifact_for
+from models.batching import DEFAULT_TOKEN_BUDGET
 from models.embedder import Embedder
 from models.extract import Pooling
 from models.families import build_chain
@@ -35,13 +36,13 @@ def chains(quick: bool) -> dict[str, list[str]]:
 class Server:
     """`rdserve serve` (+ one worker in distributed mode) on free ports, torn down on exit."""
 
-    def __init__(self, mode: str, artifact: Path, token_budget: int, logs: Path) -> None:
+    def __init__(self, mode: str, artifact: Path, token_budget: int | None, logs: Path) -> None:
         self.prefix = f"rdserve-bench-{uuid.uuid4().hex[:8]}"
         port = procs.free_port()
         env = {
             "RDSERVE_ARTIFACT": str(artifact),
             "RDSERVE_DEVICE": "cpu",
-            "RDSERVE_TOKEN_BUDGET": str(token_budget),
+            "RDSERVE_TOKEN_BUDGET": str(token_budget or ""),  # empty: the device default
             "RDSERVE_LOG_LEVEL": "warning",
             "RDSERVE_MAX_QUEUE": "4096",
         }
@@ -132,7 +133,7 @@ def run_chain(
     hit_rate: float,
     hit_seconds: float,
     concurrency: int,
-    token_budget: int,
+    token_budget: int | None,
     logs: Path,
 ) -> dict[str, Any]:
     family = build_chain("esm2", models=refs, device="cpu")
@@ -208,7 +209,7 @@ def run(
     hit_rate: float = 200.0,
     hit_seconds: float = 10.0,
     concurrency: int = 32,
-    token_budget: int = 8192,
+    token_budget: int | None = None,
     quick: bool = False,
 ) -> dict[str, Any]:
     logs = CACHE / "logs"
@@ -219,7 +220,7 @@ def run(
         )
         for name, refs in chains(quick).items()
     }
-    return {"token_budget": token_budget, "chains": results}
+    return {"token_budget": token_budget or DEFAULT_TOKEN_BUDGET["cpu"], "chains": results}
 
 
 QUICK = {"reps": 1, "n_miss": 8, "hit_seconds": 1.0, "concurrency": 4}

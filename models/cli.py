@@ -55,7 +55,10 @@ DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto")]
 DtypeOpt = Annotated[
     str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
 ]
-BudgetOpt = Annotated[int, typer.Option(help="tokens per batch, padding included")]
+BudgetOpt = Annotated[
+    int | None,
+    typer.Option(help="tokens per batch, padding included (default: 1536 on CPU, 16384 on CUDA)"),
+]
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
@@ -121,7 +124,7 @@ def run_fit(
     revision: str | None = None,
     device: str = "auto",
     dtype: str = "auto",
-    token_budget: int = 8192,
+    token_budget: int | None = None,
     policy: LongSequencePolicy = LongSequencePolicy.truncate,
     source: str | None = None,
 ) -> Artifact:
@@ -168,7 +171,7 @@ def fit(
     ] = LongSequencePolicy.truncate,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
-    token_budget: BudgetOpt = 8192,
+    token_budget: BudgetOpt = None,
 ) -> None:
     """Fit the projection artifact of a chain on a FASTA file."""
     with user_errors():
@@ -196,7 +199,7 @@ def fit(
 
 
 def load_embedder(
-    artifact: Path, models: str | None, device: str, dtype: str, token_budget: int
+    artifact: Path, models: str | None, device: str, dtype: str, token_budget: int | None
 ) -> Embedder:
     """Artifact + the chain its metadata names (or --models overrides)."""
     from models.embedder import Embedder
@@ -226,7 +229,7 @@ def embed(
     models: Annotated[str | None, typer.Option(help="override the artifact's model ids")] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
-    token_budget: BudgetOpt = 8192,
+    token_budget: BudgetOpt = None,
 ) -> None:
     """Embed a FASTA file offline: .npy (N×k, FASTA order) or .npz keyed by FASTA id."""
     with user_errors():
@@ -405,7 +408,7 @@ def eval_proteingym(
     name: Annotated[str, typer.Option(help="report file stem")] = "proteingym",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
-    token_budget: BudgetOpt = 8192,
+    token_budget: BudgetOpt = None,
     embeddings_cache: Annotated[
         Path | None,
         typer.Option(help="cache of pooled raw embeddings (default <cache>/eval-embeddings)"),

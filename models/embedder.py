@@ -35,7 +35,7 @@ class Embedder:
         self,
         family: ModelFamily,
         artifact: Artifact,
-        token_budget: int = 8192,
+        token_budget: int | None = None,
         chunk_overlap: int = 256,
     ) -> None:
         for w in check_levels_match(artifact, family.name, family.levels):

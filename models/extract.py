@@ -11,7 +11,7 @@ import torch
 
 __all__ = ["BatchOutput", "BatchPlan", "Extractor", "ForwardStats", "Pooling"]
 
-from models.batching import plan_batches
+from models.batching import default_token_budget, plan_batches
 from models.families.base import ModelFamily
 from models.sequences import Handling, LongSequencePolicy, Pooling, Segment, plan_segments
 
@@ -96,12 +96,12 @@ class Extractor:
     """Plans residue-budget batches and runs family levels on them."""
 
     def __init__(
-        self, family: ModelFamily, token_budget: int = 8192, chunk_overlap: int = 256
+        self, family: ModelFamily, token_budget: int | None = None, chunk_overlap: int = 256
     ) -> None:
         if family.max_residues is not None and not 0 <= chunk_overlap < family.max_residues:
             raise ValueError(f"chunk_overlap must be in [0, {family.max_residues})")
         self.family = family
-        self.token_budget = token_budget
+        self.token_budget = token_budget or default_token_budget(family.device.type)
         self.chunk_overlap = chunk_overlap
 
     def plan(

@@ -45,7 +45,7 @@ def fit_artifact(
     seqs: Sequence[str],
     regressor: Regressor = Regressor.pcr,
     alpha: float = 1.0,
-    token_budget: int = 8192,
+    token_budget: int | None = None,
     policy: LongSequencePolicy = LongSequencePolicy.truncate,
     progress: Progress | None = None,
     source: str | None = None,
