@@ -29,6 +29,8 @@ if TYPE_CHECKING:  # torch-heavy; the worker receives a ready Embedder
 
 log = logging.getLogger(__name__)
 
+DRAIN_BATCHES = 16  # token budgets of queued residues gathered per worker turn
+
 
 class JobSource(Protocol):
     """Where jobs come from and where answers go."""
@@ -95,7 +97,10 @@ class Worker:
     ) -> None:
         self.embedder = embedder
         self.source = source
-        self.budget = token_budget
+        # Drain up to several batches of queued work per turn: planning them together sorts
+        # all their sequences by length (less padding), and iter_compute still answers each job
+        # when its own batch is done.
+        self.drain_residues = DRAIN_BATCHES * token_budget
         self.wait_s = batch_wait_s
         self.artifact_sha = embedder.artifact.sha256
         self.level_names = [lv.name for lv in embedder.artifact.levels]
@@ -133,7 +138,7 @@ class Worker:
             while not self._stop.is_set():
                 self.last_turn = time.time()
                 m.WORKER_HEARTBEAT.set(self.last_turn)
-                jobs = self.source.take(self.budget, self.wait_s)
+                jobs = self.source.take(self.drain_residues, self.wait_s)
                 if jobs:
                     self.process(jobs)
         finally:
@@ -174,32 +179,38 @@ class Worker:
             if not members:
                 continue
             items = [live[j].items[i] for j, i in members]
+            batches = self.embedder.iter_compute(
+                [it.seq for it in items],
+                stop=stop,
+                start=start,
+                pooling=Pooling(pooling),
+                policy=LongSequencePolicy(policy),
+                prefixes=[it.prefix for it in items] if start > 0 else None,
+                observer=observe_forward(self.level_names, start),
+            )
             try:
-                out = self.embedder.compute(
-                    [it.seq for it in items],
-                    stop=stop,
-                    start=start,
-                    pooling=Pooling(pooling),
-                    policy=LongSequencePolicy(policy),
-                    prefixes=[it.prefix for it in items] if start > 0 else None,
-                    observer=observe_forward(self.level_names, start),
-                )
-            except Exception as e:
+                # Batches are length-sorted over every drained job; a job is answered as soon
+                # as the batch holding its last item is done, not when the whole drain is.
+                for done in batches:
+                    for k, r in done:
+                        j, i = members[k]
+                        results[j][i] = ItemResult(
+                            [np.asarray(b, dtype=np.float32) for b in r.blocks],
+                            r.residues,
+                            str(r.handling),
+                        )
+                        pending[j] -= 1
+                        if pending[j] == 0 and not failed[j]:
+                            done_items: list[ItemResult] = results[j]  # type: ignore[assignment]
+                            self._answer(live[j], JobResult(live[j].id, items=done_items))
+            except Exception as e:  # answer the affected jobs, keep serving
                 log.exception("compute failed")
-                for j in {j for j, _ in members}:
+                for j in {j for j, _ in members if pending[j] > 0 and not failed[j]}:
                     failed[j] = True
                     self._answer(
                         live[j],
                         JobResult(live[j].id, error=f"compute failed: {e}", code="internal"),
                     )
-                continue
-            for (j, i), r in zip(members, out, strict=True):
-                results[j][i] = ItemResult(
-                    [np.asarray(b, dtype=np.float32) for b in r.blocks], r.residues, str(r.handling)
-                )
-                pending[j] -= 1
-                if pending[j] == 0 and not failed[j]:
-                    self._answer(live[j], JobResult(live[j].id, items=results[j]))  # type: ignore[arg-type]
 
     def _answer(self, job: Job, result: JobResult) -> None:
         result.worker = self.state.name

@@ -17,6 +17,17 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
+def _peak_mb() -> float:
+    """This process's peak RSS (VmHWM).
+
+    Not getrusage's ru_maxrss: Linux carries that across fork and exec, so a child started by a
+    large parent reports the parent's size as its own peak.
+    """
+    with open("/proc/self/status") as f:
+        kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    return kb / 1024
+
+
 def child(n: int, refs: list[str]) -> dict[str, Any]:
     """Runs inside the fresh process: load models and data, then fit, recording memory."""
     from benchmarks.common import uniref
@@ -31,7 +42,7 @@ def child(n: int, refs: list[str]) -> dict[str, Any]:
     t0 = time.perf_counter()
     art = fit_artifact(family, seqs)
     took = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _peak_mb()
     return {
         "sequences": n,
         "residues": art.fitting["n_residues"],

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,6 +60,28 @@ class Embedder:
         ``prefixes[i]`` are the already-known first dims[start−1] RD dims of sequence i (pooled
         vector or per-residue matrix), e.g. from a cache; required when start > 0.
         """
+        results: list[ItemBlocks | None] = [None] * len(seqs)
+        for done in self.iter_compute(seqs, stop, start, pooling, policy, prefixes, observer):
+            for i, item in done:
+                results[i] = item
+        assert all(r is not None for r in results)
+        return results  # type: ignore[return-value]
+
+    def iter_compute(
+        self,
+        seqs: Sequence[str],
+        stop: int,
+        start: int = 0,
+        pooling: Pooling = Pooling.mean,
+        policy: LongSequencePolicy = LongSequencePolicy.error,
+        prefixes: Sequence[np.ndarray] | None = None,
+        observer: ForwardObserver | None = None,
+    ) -> Iterator[list[tuple[int, ItemBlocks]]]:
+        """Like compute(), but yields (input index, blocks) pairs batch by batch as they finish.
+
+        Callers serving many requests at once answer each as soon as its batch is done, while
+        the whole set is still planned (length-sorted) together.
+        """
         if not 0 <= start <= stop < len(self.artifact.levels):
             raise ValueError(
                 f"need 0 ≤ start ≤ stop < {len(self.artifact.levels)}, got {start}, {stop}"
@@ -67,7 +89,6 @@ class Embedder:
         if start > 0 and (prefixes is None or len(prefixes) != len(seqs)):
             raise ValueError("prefixes (one per sequence) are required when start > 0")
         plans, handling = self.extractor.plan(seqs, policy)
-        results: list[ItemBlocks | None] = [None] * len(seqs)
         levels = list(range(start, stop + 1))
         dev = self.family.device
         for plan in plans:
@@ -75,14 +96,10 @@ class Embedder:
             prefix = None
             if start > 0:
                 assert prefixes is not None
+                width = self.artifact.dims[start - 1]
                 prefix = torch.from_numpy(
                     np.concatenate(
-                        [
-                            np.asarray(prefixes[i], dtype=np.float32).reshape(
-                                -1, self.artifact.dims[start - 1]
-                            )
-                            for i in plan.items
-                        ]
+                        [np.asarray(prefixes[i], np.float32).reshape(-1, width) for i in plan.items]
                     )
                 ).to(dev)
             blocks = [
@@ -93,14 +110,10 @@ class Embedder:
                 per_item = [np.split(b, cuts) for b in blocks]
             else:
                 per_item = [list(b) for b in blocks]
-            for row, i in enumerate(plan.items):
-                results[i] = ItemBlocks(
-                    blocks=[pb[row] for pb in per_item],
-                    residues=int(out.lengths[row]),
-                    handling=handling[i],
-                )
-        assert all(r is not None for r in results)
-        return results  # type: ignore[return-value]
+            yield [
+                (i, ItemBlocks([pb[row] for pb in per_item], int(out.lengths[row]), handling[i]))
+                for row, i in enumerate(plan.items)
+            ]
 
     def embed(
         self,

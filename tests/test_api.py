@@ -248,14 +248,14 @@ class Gate:
     def __init__(self, service):
         self.release = threading.Event()
         self.entered = threading.Event()
-        inner = service.dispatcher.worker.embedder.compute
+        inner = service.dispatcher.worker.embedder.iter_compute
 
-        def compute(*a, **kw):
+        def iter_compute(*a, **kw):
             self.entered.set()
             self.release.wait(30)
-            return inner(*a, **kw)
+            yield from inner(*a, **kw)
 
-        service.dispatcher.worker.embedder.compute = compute
+        service.dispatcher.worker.embedder.iter_compute = iter_compute
 
 
 def test_queue_full_gives_429_with_retry_after(make_app):
