@@ -13,9 +13,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 
+from benchmarks import loadgen
 from benchmarks.common import CACHE, fmt_range, procs, random_esm2, summary, tiny_esm2, uniref
 from benchmarks.extraction import artifact_for
 from models.batching import DEFAULT_TOKEN_BUDGET
@@ -72,46 +72,18 @@ class Server:
             procs.clear_prefix(REDIS_URL, self.prefix)
 
 
-async def _post(client: httpx.AsyncClient, body: dict) -> float:
-    t0 = time.perf_counter()
-    r = await client.post("/v1/embeddings", json=body)
-    if r.status_code != 200:
-        raise RuntimeError(f"{r.status_code}: {r.text[:200]}")
-    return time.perf_counter() - t0
+def closed_loop(base: str, bodies: list[dict], concurrency: int) -> tuple[float, list[float]]:
+    """Back-to-back requests on ``concurrency`` keep-alive connections (benchmarks/loadgen.py)."""
+    url = f"{base}/v1/embeddings"
+    reqs = [loadgen.encode_post(url, b) for b in bodies]
+    return asyncio.run(loadgen.closed_loop(url, reqs, concurrency))
 
 
-async def closed_loop(base: str, bodies: list[dict], concurrency: int) -> tuple[float, list[float]]:
-    """`concurrency` clients send the bodies back to back; returns (wall seconds, latencies)."""
-    queue = list(reversed(bodies))
-    lat: list[float] = []
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=base, timeout=300, limits=limits) as client:
-
-        async def client_loop() -> None:
-            while queue:
-                lat.append(await _post(client, queue.pop()))
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(client_loop() for _ in range(concurrency)))
-        return time.perf_counter() - t0, lat
-
-
-async def open_loop(base: str, bodies: list[dict], rate: float) -> tuple[float, list[float]]:
-    """Requests start at a fixed rate regardless of responses (latency under a given load)."""
-    lat: list[float] = []
-    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
-    async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as client:
-        for b in bodies[:20]:  # open the connection pool before measuring
-            await _post(client, b)
-        t0 = time.perf_counter()
-        tasks = []
-        for i, body in enumerate(bodies):
-            delay = t0 + i / rate - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(_post(client, body)))
-        lat = list(await asyncio.gather(*tasks))
-        return time.perf_counter() - t0, lat
+def open_loop(base: str, bodies: list[dict], rate: float) -> tuple[float, list[float]]:
+    """Requests at a fixed arrival rate; latency from the scheduled send time."""
+    url = f"{base}/v1/embeddings"
+    reqs = [loadgen.encode_post(url, b) for b in bodies]
+    return asyncio.run(loadgen.open_loop(url, reqs, rate))
 
 
 def pct(lat: list[float]) -> dict[str, float]:
@@ -154,7 +126,7 @@ def run_chain(
                 cursor += n_miss
                 residues = sum(map(len, seqs))
                 bodies = [{"input": s, "dimensions": k_max} for s in seqs]
-                wall, lat = asyncio.run(closed_loop(srv.base, bodies, concurrency))
+                wall, lat = closed_loop(srv.base, bodies, concurrency)
                 miss_rates.append(residues / wall)
                 miss_lat += lat
                 t0 = time.perf_counter()
@@ -174,15 +146,9 @@ def run_chain(
             # Partial hits: level 1 cached at k_low, then the full k.
             seqs = pool[cursor : cursor + n_miss]
             cursor += n_miss
-            asyncio.run(
-                closed_loop(
-                    srv.base, [{"input": s, "dimensions": k_low} for s in seqs], concurrency
-                )
-            )
-            wall, lat = asyncio.run(
-                closed_loop(
-                    srv.base, [{"input": s, "dimensions": k_max} for s in seqs], concurrency
-                )
+            closed_loop(srv.base, [{"input": s, "dimensions": k_low} for s in seqs], concurrency)
+            wall, lat = closed_loop(
+                srv.base, [{"input": s, "dimensions": k_max} for s in seqs], concurrency
             )
             res["partial"] = {"residues_per_s": sum(map(len, seqs)) / wall, "latency": pct(lat)}
 
@@ -190,8 +156,8 @@ def run_chain(
             hot = pool[:200]
             n = int(hit_rate * hit_seconds)
             bodies = [{"input": hot[i % len(hot)], "dimensions": k_max} for i in range(n)]
-            asyncio.run(closed_loop(srv.base, [{"input": s, "dimensions": k_max} for s in hot], 8))
-            wall, lat = asyncio.run(open_loop(srv.base, bodies, hit_rate))
+            closed_loop(srv.base, [{"input": s, "dimensions": k_max} for s in hot], 8)
+            wall, lat = open_loop(srv.base, bodies, hit_rate)
             res["full_hit"] = {
                 "target_rps": hit_rate,
                 "achieved_rps": n / wall,
