@@ -23,6 +23,7 @@ from app.schemas import (
     Readiness,
 )
 from app.service import EmbeddingService
+from app.worker import freeze_heap
 from models import __version__
 
 ERROR_EXAMPLE = {
@@ -60,6 +61,7 @@ def create_app(service: EmbeddingService) -> FastAPI:
             }
         )
         await service.dispatcher.start()
+        freeze_heap()  # the API's own start-up objects; the worker freezes again after warm-up
         try:
             yield
         finally:

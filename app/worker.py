@@ -9,6 +9,7 @@ for a 650M forward that only another request needs.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -68,6 +69,17 @@ class WorkerState:
         return n
 
 
+def freeze_heap() -> None:
+    """Move every object alive now (models, libraries) out of the garbage collector's reach.
+
+    With torch and transformers loaded a full collection walks ~400k objects and takes ~200 ms
+    on this CPU; one landing inside a request showed up as a 130 ms p99 on cache hits.  Frozen
+    objects are never scanned again, so later collections only see per-request garbage.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 def observe_forward(level_names: list[str], first_level: int) -> Callable[[ForwardStats], None]:
     """An Extractor observer that feeds the Prometheus metrics."""
 
@@ -122,6 +134,7 @@ class Worker:
                 self.embedder.extractor.run(plans[0], [lvl], Pooling.mean)
             self.state.ready[lvl] = True
             m.MODEL_LOADED.labels(name).set(1)
+            freeze_heap()
             log.info(
                 "level ready", extra={"level": name, "load_s": round(time.perf_counter() - t0, 3)}
             )

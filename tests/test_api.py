@@ -392,3 +392,11 @@ def test_sequences_are_logged_only_when_enabled(make_app, caplog):
         assert bool(logged) is enabled
         if enabled:
             assert logged[0].sequences == ["MKVLAW"] and logged[0].request_id
+
+
+def test_heap_is_frozen_after_warm_up(client):
+    """Objects alive after warm-up (models, libraries) are out of the GC's reach (no 200 ms
+    full collections during requests)."""
+    import gc
+
+    assert gc.get_freeze_count() > 10_000
