@@ -36,6 +36,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 GROUP = "workers"
+#: XADD only while the stream is shorter than ARGV[1]; returns {added 0/1, length}.
+BOUNDED_XADD = """
+local n = redis.call('XLEN', KEYS[1])
+if n >= tonumber(ARGV[1]) then return {0, n} end
+redis.call('XADD', KEYS[1], '*', 'd', ARGV[2])
+return {1, n + 1}
+"""
 REPLY_TTL_S = 3600
 READ_COUNT = 32
 
@@ -219,6 +226,7 @@ class RedisDispatcher:
         self._reader: asyncio.Task | None = None
         self._status: tuple[float, FleetStatus] | None = None
         self._depth = 0
+        self._enqueue = client.register_script(BOUNDED_XADD)
 
     async def start(self) -> None:
         self._reader = asyncio.create_task(self._read_replies(), name="rdserve-replies")
@@ -295,15 +303,17 @@ class RedisDispatcher:
         st = await self.status()
         if st.workers == 0:
             raise NoWorkerError(st.error or "no live worker serves this artifact")
-        self._depth = await self.r.xlen(self.stream)
-        m.QUEUE_DEPTH.set(self._depth)
-        if self._depth >= self.max_queue:
-            raise QueueFullError()
         job.reply_to = self.reply_key
         fut: asyncio.Future[JobResult] = asyncio.get_running_loop().create_future()
         self._waiting[job.id] = fut
         try:
-            await self.r.xadd(self.stream, {"d": job_to_wire(job)})
+            # One round trip: the length check and the XADD happen atomically in Redis.
+            added, self._depth = await self._enqueue(
+                keys=[self.stream], args=[self.max_queue, job_to_wire(job)]
+            )
+            m.QUEUE_DEPTH.set(self._depth)
+            if not added:
+                raise QueueFullError()
             return await asyncio.wait_for(fut, timeout_s)
         finally:
             self._waiting.pop(job.id, None)

@@ -257,3 +257,57 @@ def test_worker_liveness_endpoint_reports_a_stalled_loop():
         assert "rdserve_worker_up" in httpx.get(f"http://127.0.0.1:{port}/metrics").text
     finally:
         server.shutdown()
+
+
+def test_redis_queue_is_bounded_atomically():
+    """XLEN check and XADD in one Lua call: the (max_queue+1)-th job is refused, not queued."""
+    import asyncio
+    import json as _json
+
+    import redis.asyncio as aioredis
+
+    from app.dispatch import QueueFullError
+    from app.streams import RedisDispatcher, worker_key
+
+    p = f"rdserve-test-{uuid.uuid4().hex[:8]}"
+
+    async def scenario():
+        r = aioredis.from_url(REDIS_URL)
+        # A live (but idle) worker heartbeat for this artifact, so jobs are accepted.
+        await r.set(
+            worker_key(p, "idle"),
+            _json.dumps(
+                {
+                    "id": "idle",
+                    "artifact": "sha",
+                    "running": True,
+                    "loaded": [True],
+                    "ready": [True],
+                    "error": None,
+                }
+            ),
+            ex=30,
+        )
+        d = RedisDispatcher(r, p, "sha", 1, max_queue=2)
+        await d.start()
+        jobs = [
+            Job(f"j{i}", "sha", "mean", "truncate", [WorkItem("MKV", 0, 0)], time.time() + 60)
+            for i in range(3)
+        ]
+        waiting = [asyncio.create_task(d.submit(j, 5)) for j in jobs[:2]]
+        await asyncio.sleep(0.2)
+        try:
+            await d.submit(jobs[2], 5)
+            raise AssertionError("expected QueueFullError")
+        except QueueFullError:
+            pass
+        assert await r.xlen(jobs_key(p)) == 2 and d.queue_depth() == 2
+        for t in waiting:
+            t.cancel()
+        await d.stop()
+        await r.aclose()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        clear_prefix(REDIS_URL, p)
