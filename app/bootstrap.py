@@ -118,14 +118,27 @@ def distributed_service(settings: Settings, artifact: Artifact) -> EmbeddingServ
     import redis.asyncio as aioredis
 
     assert settings.redis_url
-    dispatch_client = aioredis.from_url(
-        settings.redis_url, socket_timeout=10, health_check_interval=30
+    # Blocking pools: past max_connections concurrent requests a request waits for a free
+    # connection (redis-py's default pool raises MaxConnectionsError, which at ~100 concurrent
+    # requests turned cache lookups into misses and the fleet check into a false 503).
+    dispatch_client = aioredis.Redis.from_pool(  # from_pool: the client owns and closes the pool
+        aioredis.BlockingConnectionPool.from_url(
+            settings.redis_url,
+            max_connections=settings.redis_max_connections,
+            timeout=10,
+            socket_timeout=10,
+            health_check_interval=30,
+        )
     )
-    # The cache gets its own client with short timeouts: a slow Redis must not stall requests.
-    cache_client = aioredis.from_url(
-        settings.cache_redis_url or settings.redis_url,
-        socket_timeout=1.0,
-        socket_connect_timeout=1.0,
+    # The cache gets its own pool with short timeouts: a slow Redis must not stall requests.
+    cache_client = aioredis.Redis.from_pool(
+        aioredis.BlockingConnectionPool.from_url(
+            settings.cache_redis_url or settings.redis_url,
+            max_connections=settings.redis_max_connections,
+            timeout=1.0,
+            socket_timeout=1.0,
+            socket_connect_timeout=1.0,
+        )
     )
     dispatcher = RedisDispatcher(
         dispatch_client,

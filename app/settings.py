@@ -82,6 +82,9 @@ class Settings(BaseSettings):
         None, description="Separate Redis for the cache (an LRU instance); default: redis_url."
     )
     redis_prefix: str = Field("rdserve", description="Key prefix of every Redis key.")
+    redis_max_connections: int = Field(
+        64, ge=2, description="API's Redis connections per pool; more requests wait for one."
+    )
     worker_id: str | None = Field(
         None, description="Worker name in the consumer group (default host-pid)."
     )

@@ -159,6 +159,41 @@ def test_second_worker_scales_out_and_survives_a_crash(cluster, tmp_path):
     assert "worker w2 serving" in w2.output()
 
 
+def test_more_concurrent_requests_than_redis_connections(cluster, tmp_path):
+    """More concurrent requests than Redis connections (and than redis-py's default pool of 100)
+    wait for a connection: no false 503s, no cache errors."""
+    import asyncio
+
+    port = free_port()
+    env = {**cluster["env"], "RDSERVE_REDIS_MAX_CONNECTIONS": "4"}
+    api = rdserve("serve", "--port", str(port), env=env, log=tmp_path / "api.log")
+    base = f"http://127.0.0.1:{port}"
+    rng = np.random.default_rng(7)
+    seqs = ["".join(rng.choice(list("ACDEFGHIKLMNPQRSTVWY"), 30)) for _ in range(120)]
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=base, timeout=60) as c:
+            return await asyncio.gather(
+                *(c.post("/v1/embeddings", json={"input": s, "dimensions": 64}) for s in seqs)
+            )
+
+    try:
+        wait_http(f"{base}/health/ready", api)
+        first = asyncio.run(burst())
+        assert [r.status_code for r in first] == [200] * len(seqs), first[0].text
+        again = asyncio.run(burst())
+        assert {r.json()["data"][0]["cache"] for r in again} == {"full_hit"}
+        errors = [
+            float(line.split()[-1])
+            for line in httpx.get(f"{base}/metrics").text.splitlines()
+            if line.startswith("rdserve_cache_errors_total{")
+        ]
+        assert sum(errors) == 0
+    finally:
+        api.stop()
+    assert "cache lookup failed" not in api.output()
+
+
 def test_no_worker_gives_503(tiny_artifact, tmp_path):
     p = f"rdserve-test-{uuid.uuid4().hex[:8]}"
     port = free_port()
