@@ -49,3 +49,17 @@ def test_benchmark_suite_quick(tmp_path):
         res = json.loads((tmp_path / f"{name}-quick.json").read_text())
         assert res["command"].startswith(f"benchmarks/run {name}") and res["machine"]["cpu"]
     assert "RD-k / raw chain throughput" in p.stdout and "Speed-up" in p.stdout
+    assert "CPU seconds per 1,000 residues" in p.stdout
+
+
+def test_contention_script_quick(tmp_path):
+    subprocess.run(
+        [sys.executable, "benchmarks/contention.py", "--quick", "--results-dir", str(tmp_path)],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    res = json.loads((tmp_path / "contention-quick.json").read_text())
+    assert set(res["residues_per_s"]) == {"none", "17% of a core", "33% of a core"}
+    assert res["over_quiet"]["none"]["median"] == 1.0
