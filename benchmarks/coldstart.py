@@ -40,7 +40,7 @@ def start_to_ready(artifact: str, distributed: bool) -> float:
 
 def run(reps: int = 3, quick: bool = False) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for name, refs in chains(quick).items():
+    for name, (refs, _) in chains(quick).items():
         family = build_chain("esm2", models=refs, device="cpu")
         tag = "svc-" + "-".join(lv.name for lv in family.levels)
         artifact_for(family, refs, tag)

@@ -9,15 +9,14 @@ import sys
 from procs import REPO
 
 
+def run_script(*args: str) -> None:
+    """A benchmark script as a plain `python benchmarks/…` process; raises if it fails."""
+    subprocess.run([sys.executable, *args], cwd=REPO, check=True, capture_output=True, timeout=300)
+
+
 def test_gpu_script_smoke(tmp_path):
     out = tmp_path / "gpu.json"
-    subprocess.run(
-        [sys.executable, "benchmarks/gpu.py", "--smoke", "--out", str(out)],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
+    run_script("benchmarks/gpu.py", "--smoke", "--out", str(out))
     res = json.loads(out.read_text())
     assert set(res["per_level"]["fp32"]) == {"8M", "35M", "150M", "650M", "3B"}
     assert res["rd_vs_raw"]["mean"]["rd_over_raw"] > 0
@@ -53,13 +52,7 @@ def test_benchmark_suite_quick(tmp_path):
 
 
 def test_contention_script_quick(tmp_path):
-    subprocess.run(
-        [sys.executable, "benchmarks/contention.py", "--quick", "--results-dir", str(tmp_path)],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
+    run_script("benchmarks/contention.py", "--quick", "--results-dir", str(tmp_path))
     res = json.loads((tmp_path / "contention-quick.json").read_text())
     assert set(res["residues_per_s"]) == {"none", "17% of a core", "33% of a core"}
     assert res["over_quiet"]["none"]["median"] == 1.0
