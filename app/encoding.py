@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import zipfile
 
 import numpy as np
 import orjson
@@ -60,15 +61,24 @@ def json_body(req: EmbeddingRequest, out: Outcome, art: Artifact) -> Response:
     )
 
 
+def write_npz(buf: io.BytesIO, arrays: dict[str, np.ndarray]) -> None:
+    """An uncompressed .npz (what np.savez writes) keyed by any string.
+
+    np.savez(**arrays) would take ids such as "file" or "allow_pickle" as its own arguments.
+    """
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, arr in arrays.items():
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as fh:
+                np.lib.format.write_array(fh, np.ascontiguousarray(arr), allow_pickle=False)
+
+
 def binary_body(req: EmbeddingRequest, out: Outcome, art: Artifact) -> Response:
     """.npy (N×k) for pooled output, .npz keyed by id (or index) for per-residue output."""
     dtype = np.dtype(req.dtype).newbyteorder("<")
     buf = io.BytesIO()
     if req.pooling == "per_residue":
         names = req.ids or [str(i) for i in range(len(out.items))]
-        np.savez(
-            buf, **{n: it.vector.astype(dtype) for n, it in zip(names, out.items, strict=True)}
-        )
+        write_npz(buf, {n: it.vector.astype(dtype) for n, it in zip(names, out.items, strict=True)})
         media, ext = "application/x-npz", "npz"
     else:
         np.save(buf, np.stack([it.vector for it in out.items]).astype(dtype))

@@ -50,12 +50,21 @@ def error_response(err: APIError) -> Response:
 
 
 def _loc_to_param(loc: tuple) -> str:
-    """('body', 'input', 3) → 'input[3]'; ('body', 'ids') → 'ids'."""
+    """('body', 'input', 'list[str]', 3) → 'input[3]'; ('body', 'ids') → 'ids'.
+
+    Requests have no nested objects, so every string after the field name is a union branch
+    tag that pydantic adds to the location ('str', 'list[str]'): dropped.
+    """
     parts = [p for p in loc if p != "body"]
-    out = ""
-    for p in parts:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
-    return out or "body"
+    if not parts or isinstance(parts[0], int):  # invalid JSON: loc is a character offset
+        return "body"
+    return str(parts[0]) + "".join(f"[{p}]" for p in parts[1:] if isinstance(p, int))
+
+
+def _most_specific(errors: list[dict]) -> dict:
+    """The error that names an item (most indices), else the first: for `input: [.., 7]` the
+    `list[str]` branch's error (input[1]) rather than the `str` branch's (input)."""
+    return max(errors, key=lambda e: sum(isinstance(p, int) for p in e.get("loc", ())))
 
 
 def install_handlers(app: FastAPI) -> None:
@@ -67,13 +76,15 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> Response:
-        first = exc.errors()[0]
-        param = _loc_to_param(tuple(first.get("loc", ())))
+        first = _most_specific(list(exc.errors()))
+        loc = tuple(first.get("loc", ()))
+        param = _loc_to_param(loc)
         msg = first.get("msg", "invalid request")
         if first.get("type") == "extra_forbidden":
             msg = f"unknown field {param!r}"
         elif first.get("type") == "json_invalid":
-            msg = f"request body is not valid JSON: {first.get('ctx', {}).get('error', msg)}"
+            at = f" at character {loc[-1]}" if loc and isinstance(loc[-1], int) else ""
+            msg = f"request body is not valid JSON{at}: {first.get('ctx', {}).get('error', msg)}"
         else:
             msg = f"{param}: {msg}"
         return error_response(APIError(422, msg, param=param, code=first.get("type")))

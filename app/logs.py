@@ -28,7 +28,8 @@ class JsonFormatter(logging.Formatter):
         }
         for k, v in vars(record).items():
             if k not in _STANDARD and not k.startswith("_"):
-                out[k] = v
+                # An extra named like a base field ("level", "msg", …) must not replace it.
+                out[k if k not in out else f"extra_{k}"] = v
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(out, default=str).decode()

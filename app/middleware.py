@@ -14,6 +14,7 @@ from app import metrics as m
 from app.errors import error_body
 
 log = logging.getLogger("rdserve.access")
+errors_log = logging.getLogger(__name__)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -61,11 +62,11 @@ class Gate:
         scope.setdefault("state", {})["request_id"] = rid
         path = scope["path"]
         route = path if path in ROUTES else "other"
-        status = {"code": 500}
+        status = {"code": 500, "started": False}
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
+                status["code"], status["started"] = message["status"], True
                 message.setdefault("headers", []).append((b"x-request-id", rid.encode()))
             await send(message)
 
@@ -109,7 +110,15 @@ class Gate:
                     )
                     return
                 receive = _replay(body)
-            await self.app(scope, receive, send_with_id)
+            try:
+                await self.app(scope, receive, send_with_id)
+            except Exception:
+                # Answered here rather than by Starlette's outermost error middleware, so that
+                # a 500 also carries the request id and the one error shape.
+                errors_log.exception("unhandled error", extra={"request_id": rid})
+                if status["started"]:
+                    raise
+                await reject(500, "internal error", "server_error", "internal")
         finally:
             took = time.perf_counter() - t0
             m.REQUESTS.labels(route, str(status["code"])).inc()

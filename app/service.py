@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,6 +88,17 @@ class EmbeddingService:
                 param="ids",
                 code="ids_length_mismatch",
             )
+        if req.ids is not None:
+            first: dict[str, int] = {}
+            for i, name in enumerate(req.ids):
+                if name in first:  # ids key the .npz output and must identify one item each
+                    raise APIError(
+                        422,
+                        f"ids[{i}] repeats ids[{first[name]}] ({name!r}); ids must be unique",
+                        param=f"ids[{i}]",
+                        code="duplicate_id",
+                    )
+                first[name] = i
         k = req.dimensions if req.dimensions is not None else self.artifact.max_dim
         if not 1 <= k <= self.artifact.max_dim:
             raise APIError(
@@ -171,7 +183,7 @@ class EmbeddingService:
             m.CACHE.labels(tiers[key]).inc()
 
         if work:
-            await self._compute(work, entries, req, request_id, stop)
+            await self._compute(work, entries, req, stop)
 
         items = []
         for key in keys:
@@ -192,12 +204,13 @@ class EmbeddingService:
         work: list[tuple[str, WorkItem]],
         entries: dict[str, CacheEntry | None],
         req: EmbeddingRequest,
-        request_id: str,
         stop: int,
     ) -> None:
         timeout = self.settings.request_timeout_s
         job = Job(
-            id=request_id,
+            # Our own id, never the client's X-Request-ID: replies are routed by job id, and two
+            # requests sharing a client-chosen id would receive each other's embeddings.
+            id=uuid.uuid4().hex,
             artifact=self.artifact.sha256,
             pooling=str(req.pooling),
             policy=str(req.long_sequence_policy),

@@ -112,6 +112,7 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if not self.model_list:
             raise ValueError("models must name at least one model")
+        self.keys()  # a configured but empty or unreadable key list is an error at start-up
         return self
 
     @property
@@ -120,10 +121,23 @@ class Settings(BaseSettings):
         return [m.strip() for m in self.models.split(",") if m.strip()]
 
     def keys(self) -> list[str]:
-        """Configured API keys (env and file); empty means authentication is off."""
-        keys = []
+        """Configured API keys (env and file); empty means authentication is off.
+
+        Raises ValueError when keys were configured but none remain (a blank variable or a file
+        of blank and comment lines): that must not silently turn authentication off.
+        """
+        keys: list[str] = []
         if self.api_keys is not None:
-            keys += [k.strip() for k in self.api_keys.get_secret_value().split(",")]
+            keys += [k.strip() for k in self.api_keys.get_secret_value().split(",") if k.strip()]
         if self.api_key_file is not None:
-            keys += [k.strip() for k in self.api_key_file.read_text().splitlines()]
-        return [k for k in keys if k and not k.startswith("#")]
+            try:
+                lines = self.api_key_file.read_text().splitlines()
+            except OSError as e:
+                raise ValueError(f"api_key_file: cannot read {self.api_key_file}: {e}") from None
+            keys += [k.strip() for k in lines if k.strip() and not k.strip().startswith("#")]
+        configured = self.api_key_file is not None or (
+            self.api_keys is not None and self.api_keys.get_secret_value().strip() != ""
+        )
+        if configured and not keys:
+            raise ValueError("API keys were configured but none were found (empty key list)")
+        return keys

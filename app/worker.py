@@ -136,7 +136,8 @@ class Worker:
             m.MODEL_LOADED.labels(name).set(1)
             freeze_heap()
             log.info(
-                "level ready", extra={"level": name, "load_s": round(time.perf_counter() - t0, 3)}
+                "level ready",
+                extra={"model_level": name, "load_s": round(time.perf_counter() - t0, 3)},
             )
 
     # -- loop -----------------------------------------------------------------------------------

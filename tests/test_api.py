@@ -116,18 +116,20 @@ def test_binary_and_base64_equal_the_json_numbers(client):
 
 
 def test_per_residue_json_npz_and_pooled_equality(client):
-    body = embed(client, dimensions=48, pooling="per_residue", ids=["x", "y", "z"]).json()
+    # Ids are any strings, np.savez's own argument names included.
+    ids = ["x", "file", "allow_pickle"]
+    body = embed(client, dimensions=48, pooling="per_residue", ids=ids).json()
     per = [np.array(d["embedding"], dtype=np.float32) for d in body["data"]]
     assert [p.shape for p in per] == [(len(s), 48) for s in SEQS]
     r = client.post(
         "/v1/embeddings",
         headers={"accept": "application/x-npy"},
-        json={"input": SEQS, "dimensions": 48, "pooling": "per_residue", "ids": ["x", "y", "z"]},
+        json={"input": SEQS, "dimensions": 48, "pooling": "per_residue", "ids": ids},
     )
     assert r.headers["content-type"] == "application/x-npz"
     npz = np.load(io.BytesIO(r.content))
-    assert sorted(npz.files) == ["x", "y", "z"]
-    for name, p in zip("xyz", per, strict=True):
+    assert sorted(npz.files) == sorted(ids)
+    for name, p in zip(ids, per, strict=True):
         np.testing.assert_array_equal(npz[name], p)
     pooled = embed(client, dimensions=48).json()["data"]
     for p, d in zip(per, pooled, strict=True):
@@ -194,6 +196,14 @@ def test_long_sequences(client):
         ),
         ({"input": "MKV", "bogus": 1}, 422, "bogus", "extra_forbidden", "unknown field 'bogus'"),
         ({"input": [1, 2]}, 422, "input", "string_type", "input"),
+        ({"input": ["MKV", 7]}, 422, "input[1]", "string_type", "input[1]: Input should be"),
+        (
+            {"input": ["MKV", "MKW", "MKY"], "ids": ["a", "b", "a"]},
+            422,
+            "ids[2]",
+            "duplicate_id",
+            "ids[2] repeats ids[0] ('a')",
+        ),
         ({"input": "MKV", "pooling": "max"}, 422, "pooling", "enum", "pooling"),
         (
             {"input": ["MKV"], "ids": ["a", "b"]},
@@ -239,7 +249,9 @@ def test_body_over_the_limit_is_rejected_before_parsing(make_app):
         r = c.post(
             "/v1/embeddings", content=b"{not json", headers={"content-type": "application/json"}
         )
-        assert r.status_code == 422 and r.json()["error"]["code"] == "json_invalid"
+        err = r.json()["error"]
+        assert r.status_code == 422 and err["code"] == "json_invalid" and err["param"] == "body"
+        assert "not valid JSON at character 1" in err["message"]
 
 
 class Gate:
@@ -322,6 +334,26 @@ def test_api_keys(make_app, tmp_path, source):
         assert c.get("/v1/models", headers={"authorization": "Bearer k1"}).status_code == 200
 
 
+def test_configured_but_empty_keys_refuse_to_start(tmp_path):
+    """Keys that were asked for but parse to nothing must not silently turn authentication off."""
+    from pydantic import SecretStr, ValidationError
+
+    from app.settings import Settings
+
+    comments = tmp_path / "keys"
+    comments.write_text("# rotated out\n\n")
+    for bad in (
+        {"api_keys": SecretStr(" , ")},
+        {"api_key_file": comments},
+        {"api_key_file": tmp_path / "missing"},
+    ):
+        with pytest.raises(ValidationError, match=r"API keys were configured|cannot read"):
+            Settings(**bad)
+    # '#' starts a comment only in the key file; in the variable it is part of a key.
+    assert Settings(api_keys=SecretStr("#abc, def")).keys() == ["#abc", "def"]
+    assert Settings().keys() == []
+
+
 def test_auth_off_by_default(client):
     assert client.get("/v1/models").status_code == 200
 
@@ -392,6 +424,42 @@ def test_sequences_are_logged_only_when_enabled(make_app, caplog):
         assert bool(logged) is enabled
         if enabled:
             assert logged[0].sequences == ["MKVLAW"] and logged[0].request_id
+
+
+def test_unexpected_error_is_a_500_in_the_error_shape_with_the_request_id(make_app):
+    c, service = make_app()
+
+    async def broken(*_a, **_kw):
+        raise RuntimeError("boom")
+
+    with c:
+        wait_ready(c)
+        service.embed = broken
+        r = c.post("/v1/embeddings", json={"input": "MKV"}, headers={"x-request-id": "rid-500"})
+    assert r.status_code == 500 and r.headers["x-request-id"] == "rid-500"
+    assert r.json()["error"] == {
+        "message": "internal error",
+        "type": "server_error",
+        "param": None,
+        "code": "internal",
+    }
+
+
+def test_workers_live_metric_in_embedded_mode(client):
+    assert metric(client, "rdserve_workers_live") == 1
+
+
+def test_log_extras_never_replace_the_base_fields():
+    import json
+    import logging
+
+    from app.logs import JsonFormatter
+
+    rec = logging.LogRecord("app.x", logging.WARNING, __file__, 1, "hello", None, None)
+    rec.__dict__.update(level="tiny32", msg_id=3)
+    out = json.loads(JsonFormatter().format(rec))
+    assert out["level"] == "warning" and out["msg"] == "hello"
+    assert out["extra_level"] == "tiny32" and out["msg_id"] == 3
 
 
 def test_heap_is_frozen_after_warm_up(client):

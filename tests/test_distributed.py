@@ -194,6 +194,38 @@ def test_more_concurrent_requests_than_redis_connections(cluster, tmp_path):
     assert "cache lookup failed" not in api.output()
 
 
+def test_requests_sharing_a_client_request_id_get_their_own_results(cluster, make_app):
+    """X-Request-ID is the client's label for logs, never the job id: concurrent requests that
+    share one each get their own embedding (they used to receive each other's, and cache it)."""
+    import asyncio
+
+    rng = np.random.default_rng(11)
+    seqs = ["".join(rng.choice(list("ACDEFGHIKLMNPQRSTVWY"), 60)) for _ in range(8)]
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=cluster["base"], timeout=30) as c:
+            return await asyncio.gather(
+                *(
+                    c.post(
+                        "/v1/embeddings",
+                        json={"input": s, "dimensions": 64},
+                        headers={"x-request-id": "same-id"},
+                    )
+                    for s in seqs
+                )
+            )
+
+    got = asyncio.run(burst())
+    assert [r.status_code for r in got] == [200] * len(seqs)
+    assert {r.headers["x-request-id"] for r in got} == {"same-id"}
+    c, _ = make_app()
+    with c:
+        wait_ready(c)
+        want = c.post("/v1/embeddings", json={"input": seqs, "dimensions": 64}).json()["data"]
+    for r, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(r.json()["data"][0]["embedding"], w["embedding"], atol=1e-5)
+
+
 def test_no_worker_gives_503(tiny_artifact, tmp_path):
     p = f"rdserve-test-{uuid.uuid4().hex[:8]}"
     port = free_port()
