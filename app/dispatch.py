@@ -51,7 +51,7 @@ class Dispatcher(Protocol):
 
     async def status(self) -> FleetStatus: ...
 
-    def queue_depth(self) -> int: ...
+    async def queue_depth(self) -> int: ...
 
 
 class LocalQueue:
@@ -151,7 +151,7 @@ class EmbeddedDispatcher:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 10)
 
-    def queue_depth(self) -> int:
+    async def queue_depth(self) -> int:
         return self.source.outstanding()
 
     async def status(self) -> FleetStatus:

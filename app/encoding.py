@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import zipfile
 
 import numpy as np
 import orjson
@@ -13,6 +12,7 @@ from starlette.responses import Response
 from app.schemas import EmbeddingRequest
 from app.service import Outcome
 from models.artifact import Artifact
+from models.npz import write_npz
 
 NPY = "application/x-npy"
 
@@ -59,17 +59,6 @@ def json_body(req: EmbeddingRequest, out: Outcome, art: Artifact) -> Response:
     return Response(
         orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json"
     )
-
-
-def write_npz(buf: io.BytesIO, arrays: dict[str, np.ndarray]) -> None:
-    """An uncompressed .npz (what np.savez writes) keyed by any string.
-
-    np.savez(**arrays) would take ids such as "file" or "allow_pickle" as its own arguments.
-    """
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-        for name, arr in arrays.items():
-            with zf.open(f"{name}.npy", "w", force_zip64=True) as fh:
-                np.lib.format.write_array(fh, np.ascontiguousarray(arr), allow_pickle=False)
 
 
 def binary_body(req: EmbeddingRequest, out: Outcome, art: Artifact) -> Response:

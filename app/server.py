@@ -156,7 +156,7 @@ def create_app(service: EmbeddingService) -> FastAPI:
 
     @app.get("/metrics", summary="Prometheus metrics.", response_class=Response)
     async def metrics() -> Response:
-        m.QUEUE_DEPTH.set(service.dispatcher.queue_depth())
+        m.QUEUE_DEPTH.set(await service.dispatcher.queue_depth())
         m.WORKERS_LIVE.set((await service.dispatcher.status()).workers)  # both modes
         return Response(generate_latest(m.REGISTRY), media_type=CONTENT_TYPE_LATEST)
 

@@ -83,7 +83,9 @@ def save_artifact(artifact: Artifact, path: str | Path) -> Artifact:
         for name in _TENSORS
     }
     # sort_keys keeps the header byte-identical for identical fits.
-    meta = json.dumps(artifact.metadata(), sort_keys=True)
+    meta = json.dumps(
+        {**artifact.metadata(), "tensors_sha256": _tensor_digest(tensors)}, sort_keys=True
+    )
     data = save(tensors, metadata={_META_KEY: meta})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -124,7 +126,12 @@ def load_artifact(path: str | Path) -> Artifact:
         levels = tuple(Level(**lv) for lv in meta["levels"])
         stats = tuple(StepStats(**s) for s in meta["steps"])
         family, regressor = str(meta["family"]), str(meta["regressor"])
-    except (KeyError, TypeError, json.JSONDecodeError) as e:
+        for lv in levels:
+            if not isinstance(lv.dim, int) or isinstance(lv.dim, bool) or lv.dim < 1:
+                raise TypeError(f"level {lv.name!r}: dim must be a positive integer: {lv.dim!r}")
+    except ArtifactError:
+        raise
+    except (KeyError, TypeError, AttributeError, ValueError) as e:  # JSONDecodeError included
         raise ArtifactError(f"{path}: malformed metadata ({type(e).__name__}: {e})") from e
     if len(levels) < 2 or len(stats) != len(levels) - 1:
         raise ArtifactError(
@@ -150,6 +157,12 @@ def load_artifact(path: str | Path) -> Artifact:
         _check_shapes(levels, tuple(steps))
     except ArtifactError as e:
         raise ArtifactError(f"{path}: {e}") from None
+    # After the shape checks, which name the problem more precisely.
+    want = meta.get("tensors_sha256")  # absent in artifacts written before it was recorded
+    if want is not None and _tensor_digest(tensors) != want:
+        raise ArtifactError(
+            f"{path}: tensor data does not match the checksum in its metadata (corrupt file?)"
+        )
     return Artifact(
         family=family,
         levels=levels,
@@ -161,6 +174,16 @@ def load_artifact(path: str | Path) -> Artifact:
         rdserve_version=meta.get("rdserve_version", "unknown"),
         sha256=hashlib.sha256(data).hexdigest(),
     )
+
+
+def _tensor_digest(tensors: dict[str, np.ndarray]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        arr = np.ascontiguousarray(tensors[name])
+        h.update(f"{name}:{arr.dtype.str}:{arr.shape}".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
 
 
 def _check_shapes(levels: tuple[Level, ...], steps: tuple[StepParams, ...]) -> None:

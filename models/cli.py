@@ -27,14 +27,17 @@ from rich.table import Table
 
 from models.artifact import Artifact, ArtifactError, load_artifact, save_artifact
 from models.errors import LevelMismatchError, WeightsUnavailableError
+from models.npz import write_npz
 from models.rd import Regressor
 from models.reference import import_reference
 from models.sequences import (
+    Handling,
     LongSequencePolicy,
     Pooling,
     SequenceError,
     clean_sequences,
     packaged_sample,
+    plan_segments,
     read_fasta,
 )
 from models.specs import family_spec
@@ -99,6 +102,25 @@ def split_models(models: str, family: str) -> list[str]:
         raise ValueError("no models given")
     family_spec(family)
     return refs
+
+
+def long_sequence_report(
+    ids: list[str], seqs: list[str], max_residues: int | None, policy: LongSequencePolicy
+) -> str | None:
+    """Check sequences against the model context before any work: under ``error`` raise naming
+    the FASTA record; otherwise say which records will be truncated or chunked (None if none)."""
+    try:
+        _, handling = plan_segments(seqs, max_residues, policy, 0)
+    except SequenceError as e:
+        raise SequenceError(e.index, f"({ids[e.index]}) {e.reason}", e.position, e.char) from None
+    changed = [(i, h) for i, h in enumerate(handling) if h != Handling.full]
+    if not changed:
+        return None
+    names = ", ".join(ids[i] for i, _ in changed[:5]) + (", …" if len(changed) > 5 else "")
+    return (
+        f"{len(changed)} sequence(s) longer than {max_residues} residues were "
+        f"{changed[0][1]} (--long-sequence-policy {policy}): {names}"
+    )
 
 
 def read_sequences(fasta: Path, max_seqs: int | None = None) -> tuple[list[str], list[str]]:
@@ -180,7 +202,12 @@ def fit(
             raise ValueError("give --models (hub ids or local dirs) or --levels (ESM-2 shorthands)")
         refs = split_models(spec, family)
         fasta = fasta or packaged_sample()
-        _, seqs = read_sequences(fasta, max_seqs)
+        ids, seqs = read_sequences(fasta, max_seqs)
+        note = long_sequence_report(
+            ids, seqs, family_spec(family).max_residues, long_sequence_policy
+        )
+        if note:
+            err.print(note)
         art = run_fit(
             family,
             refs,
@@ -243,6 +270,7 @@ def embed(
             raise ValueError("pooled output is written as .npy (N×k float32)")
         if pool == Pooling.per_residue and len(set(ids)) != len(ids):
             raise ValueError("FASTA ids must be unique for .npz output")
+        note = long_sequence_report(ids, seqs, embedder.family.max_residues, long_sequence_policy)
         # Bounded memory: embed in slices, each internally length-sorted and batched.
         chunk = 2048
         results: list[np.ndarray] = []
@@ -258,7 +286,7 @@ def embed(
                 bar.update(task, advance=len(vecs), residues=res)
         out.parent.mkdir(parents=True, exist_ok=True)
         if pool == Pooling.per_residue:
-            np.savez(out, **dict(zip(ids, results, strict=True)))
+            write_npz(out, dict(zip(ids, results, strict=True)))
         else:
             np.save(out, np.stack(results).astype(np.float32))
         levels = embedder.artifact.levels[: stop + 1]
@@ -266,6 +294,8 @@ def embed(
             f"wrote {out} ({len(seqs)} sequences, k={dimensions}, levels run: "
             f"{', '.join(lv.name for lv in levels)})"
         )
+        if note:
+            err.print(note)
 
 
 def print_info(art: Artifact, path: Path | None = None) -> None:

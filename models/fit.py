@@ -17,6 +17,10 @@ from models.sequences import LongSequencePolicy, sequences_digest
 Progress = Callable[[int, int], None]  # (sequences done in this batch, residues in this batch)
 
 
+#: Sequences planned (length-sorted and batched) together while accumulating moments.
+FIT_SLICE = 4096
+
+
 def accumulate_moments(
     extractor: Extractor,
     seqs: Sequence[str],
@@ -30,13 +34,16 @@ def accumulate_moments(
     family = extractor.family
     levels = list(range(len(family.levels)))
     moments = Moments(sum(lv.dim for lv in family.levels))
-    plans, _ = extractor.plan(seqs, policy)
-    for plan in plans:
-        out = extractor.run(plan, levels, Pooling.per_residue)
-        z = torch.cat([out.levels[i] for i in levels], dim=1)
-        moments.update(z.double().cpu().numpy())
-        if progress is not None:
-            progress(len(plan.items), int(out.lengths.sum()))
+    # Batch plans hold token ids and pooling weights (~13 bytes per residue): plan one slice of
+    # sequences at a time so that they, too, stay bounded however many residues are fitted.
+    for lo in range(0, len(seqs), FIT_SLICE):
+        plans, _ = extractor.plan(seqs[lo : lo + FIT_SLICE], policy)
+        for plan in plans:
+            out = extractor.run(plan, levels, Pooling.per_residue)
+            z = torch.cat([out.levels[i] for i in levels], dim=1)
+            moments.update(z.double().cpu().numpy())
+            if progress is not None:
+                progress(len(plan.items), int(out.lengths.sum()))
     return moments
 
 
@@ -75,6 +82,10 @@ def fit_artifact(
             "n_sequences": len(seqs),
             "n_residues": moments.n,
             "long_sequence_policy": str(policy),
+            # Batch composition changes float summation order (artifacts differ at ~1e-8), so
+            # what shaped the batches is part of "same data and settings".
+            "token_budget": extractor.token_budget,
+            "fit_slice": FIT_SLICE,
             "source": source,
         },
         rdserve_version=__version__,

@@ -133,8 +133,13 @@ def import_reference(
         p, m = cands[0]
         steps.append(read_reference_step(p, a.dim, b.dim, m["reg"]))
         chosen.append(m)
-    variants = {(m["reg"], m["pca"], m["nseqs"]) for m in chosen}
-    reg, pca_kind, n = sorted(variants)[0] if len(variants) == 1 else ("mixed", "mixed", "mixed")
+
+    def common(field: str) -> str:
+        """The steps' shared value of one file-name field, or 'mixed'."""
+        values = {m[field] for m in chosen}
+        return values.pop() if len(values) == 1 else "mixed"
+
+    reg, pca_kind, n = common("reg"), common("pca"), common("nseqs")
     return Artifact(
         family=family,
         levels=tuple(levels),

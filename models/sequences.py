@@ -13,6 +13,7 @@ from pathlib import Path
 ALPHABET = "ACDEFGHIKLMNPQRSTVWY" + "XBZUO"
 _INVALID = re.compile(f"[^{ALPHABET}]")
 _WHITESPACE = re.compile(r"\s+")
+_NON_ASCII = re.compile(r"[^\x00-\x7f]")
 
 
 class SequenceError(ValueError):
@@ -53,10 +54,14 @@ def clean_sequence(raw: str, index: int) -> str:
     """Strip whitespace, fold case and check the alphabet; raise SequenceError naming the fault."""
     if not isinstance(raw, str):
         raise SequenceError(index, f"expected a string, got {type(raw).__name__}")
-    seq = _WHITESPACE.sub("", raw).upper()
+    seq = _WHITESPACE.sub("", raw)
     if not seq:
         raise SequenceError(index, "empty sequence")
-    bad = _INVALID.search(seq)
+    # Only ASCII is case-folded: str.upper() maps other letters onto residues ('ß' → 'SS').
+    bad = _NON_ASCII.search(seq)
+    if bad is None:
+        seq = seq.upper()
+        bad = _INVALID.search(seq)
     if bad is not None:
         # Report the position in the cleaned sequence: that is what the residue numbering means.
         pos, char = bad.start() + 1, bad.group()

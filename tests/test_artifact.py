@@ -68,6 +68,13 @@ def resave(path, out, case):
         tensors["step0.input_mean"][3] = np.nan
     elif case == "extra":
         tensors["junk"] = np.zeros(1)
+    elif case == "bit-flip":
+        tensors["step1.weight"].flat[5] += 1e-3  # same shapes, still finite: only the checksum
+    elif case == "meta-list":
+        meta["rdserve"] = "[]"
+    elif case == "dim-string":
+        info["levels"][1]["dim"] = "48"
+        meta["rdserve"] = json.dumps(info)
     save_file(tensors, str(out), metadata=meta)
 
 
@@ -85,6 +92,9 @@ def resave(path, out, case):
         ("wrong-shape", "tensor 'step0.weight' has shape (48, 16), expected (48, 32)"),
         ("nan", "tensor 'step0.input_mean' contains NaN"),
         ("extra", "unexpected tensors ['junk']"),
+        ("bit-flip", "does not match the checksum in its metadata"),
+        ("meta-list", "malformed metadata (AttributeError"),
+        ("dim-string", "dim must be a positive integer: '48'"),
     ],
 )
 def test_corrupt_artifacts_name_the_problem(tiny_artifact, tmp_path, case, message):

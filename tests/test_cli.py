@@ -68,7 +68,7 @@ def cli_artifact(tmp_path_factory, tiny_esm_dirs, fasta) -> Path:
 def test_fit_writes_an_artifact_with_stats(cli_artifact):
     art = load_artifact(cli_artifact)
     assert art.regressor == "ols" and art.fitting["n_sequences"] == 30
-    assert art.fitting["source"] == "seqs.fasta"
+    assert art.fitting["source"] == "seqs.fasta" and art.fitting["token_budget"] > 0
     p = run("info", str(cli_artifact), "--json")
     meta = json.loads(p.stdout)
     assert meta["sha256"] == art.sha256
@@ -90,6 +90,25 @@ def test_embed_is_nested_through_the_cli(cli_artifact, fasta, tmp_path):
     assert sorted(res.files, key=lambda s: int(s[3:])) == [f"seq{i}" for i in range(40)]
     # Per-residue RD means equal the pooled RD (every step is affine).
     np.testing.assert_allclose(res["seq3"].mean(0), e64[3, :48], atol=1e-5)
+
+
+def test_embed_npz_keys_are_any_fasta_id_and_long_sequences_are_reported(cli_artifact, tmp_path):
+    fa = tmp_path / "odd.fasta"
+    fa.write_text(">file\nMKVLAAGG\n>allow_pickle\n" + "MKVLA" * 220 + "\n>x\nGGS\n")
+    common = ["--artifact", str(cli_artifact), "--fasta", str(fa), "--device", "cpu"]
+    out = tmp_path / "odd.npz"
+    p = run("embed", *common, "--dimensions", "16", "--pooling", "per-residue", "--out", str(out))
+    npz = np.load(out)
+    assert sorted(npz.files) == ["allow_pickle", "file", "x"]
+    assert npz["file"].shape == (8, 16) and npz["allow_pickle"].shape == (1022, 16)
+    assert "1 sequence(s) longer than 1022 residues were truncated" in p.stderr
+    assert "allow_pickle" in p.stderr
+    # With --long-sequence-policy error the message names the record before any work is done.
+    p = run(
+        "embed", *common, "--dimensions", "16", "--long-sequence-policy", "error",
+        "--out", str(tmp_path / "e.npy"), ok=False,
+    )  # fmt: skip
+    assert p.returncode == 2 and "sequence 1: (allow_pickle) length 1100" in p.stderr
 
 
 def test_cli_errors_are_one_clear_line(cli_artifact, tmp_path):

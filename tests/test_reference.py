@@ -72,6 +72,15 @@ def test_imported_chain_equals_the_reference_step(tmp_path, regressor):
     np.testing.assert_allclose(torch.cat(got, 1).numpy(), want, rtol=1e-4, atol=1e-4)
 
 
+def test_provenance_fields_are_mixed_only_where_the_steps_differ(tmp_path):
+    rng = np.random.default_rng(2)
+    write_scaler(tmp_path, 6, 10, "8M", "35M", "pcr", rng, n="1k")
+    write_scaler(tmp_path, 10, 16, "35M", "150M", "linear", rng, n="1k")
+    art = import_reference(tmp_path, "esm2", LEVELS)
+    assert art.regressor == "reference-mixed"
+    assert art.fitting["pca"] == "fbpca" and art.fitting["n_sequences"] == "1k"
+
+
 def test_ambiguous_missing_and_malformed_scalers(tmp_path):
     rng = np.random.default_rng(1)
     write_scaler(tmp_path, 6, 10, "8M", "35M", "pcr", rng, n="1k")

@@ -87,3 +87,13 @@ def test_plan_segments_policies():
     assert [(s.item, s.start, len(s.seq)) for s in segs] == [(0, 0, 5), (1, 0, 10), (1, 2, 10)]
     segs, how = plan_segments(seqs, None, LongSequencePolicy.error, 4)
     assert how == [Handling.full, Handling.full]
+
+
+@pytest.mark.parametrize(
+    ("raw", "pos", "char"), [("ACß", 3, "ß"), ("MſK", 2, "ſ"), ("acDﬀ", 4, "ﬀ")]
+)
+def test_non_ascii_letters_are_not_case_folded_into_residues(raw, pos, char):
+    """str.upper() would turn 'ß' into 'SS' and 'ſ' into 'S': reject them where they stand."""
+    with pytest.raises(SequenceError) as e:
+        clean_sequence(raw, 4)
+    assert (e.value.index, e.value.position, e.value.char) == (4, pos, char)
