@@ -202,6 +202,36 @@ def test_another_artifact_of_the_same_chain_reuses_the_cache(
     assert forwards == [] and ev.results[0].cached
 
 
+def test_end_to_end_on_assays_whose_answer_is_known(chain, tmp_path):
+    """Scores that are an exact linear function of the first level's pooled embedding: the
+    configurations that contain that level rank the variants almost perfectly through the whole
+    harness (subsample, folds, cache, RD projection, probe); the same scores shuffled give none."""
+    pooled, projector = chain
+    src = write_assay(tmp_path / "src.csv", 40, 100, seed=7, folds=False)
+    with open(src, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    first_level = pooled.compute([r["mutated_sequence"] for r in rows])[0]
+    y = first_level @ np.random.default_rng(0).normal(size=first_level.shape[1])
+    known = tmp_path / "known"
+    known.mkdir()
+    for name, scores in (
+        ("KNOWN_TEST", y),
+        ("SHUFFLED_TEST", np.random.default_rng(1).permutation(y)),
+    ):
+        with open(known / f"{name}.csv", "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=["mutant", "mutated_sequence", "DMS_score"])
+            w.writeheader()
+            w.writerows({**r, "DMS_score": f"{v:.9g}"} for r, v in zip(rows, scores, strict=True))
+    ev = run_proteingym(find_assays([known]), pooled, projector, EvalSettings(60, 100, 0))
+    scores = {r.name: r.scores for r in ev.results}
+    d1, dn = projector.dims[0], projector.dims[-1]
+    assert scores["KNOWN_TEST"][f"raw-{d1}"] > 0.95
+    assert scores["KNOWN_TEST"][f"rd-{dn}"] > 0.8  # its first d1 dims are exactly raw-d1
+    # The truncation curve climbs to the full signal at k = d1.
+    assert scores["KNOWN_TEST"]["trunc-1"] < 0.7 < scores["KNOWN_TEST"][f"trunc-{d1}"]
+    assert abs(scores["SHUFFLED_TEST"][f"raw-{d1}"]) < 0.35
+
+
 def test_rd_at_the_first_level_is_the_raw_first_level(chain, assay_dir):
     pooled, projector = chain
     assay = subsample(read_assay(assay_dir / "AAA_TEST_folds.csv"), 40, 0)
