@@ -325,3 +325,19 @@ def test_cli_rejects_a_missing_assay_path(tiny_artifact, tmp_path):
     )
     assert r.exit_code == 2
     assert "no such assay" in r.output
+
+
+def test_cache_key_follows_local_weights_rewritten_in_place(chain, assay_dir):
+    import os
+
+    pooled, _ = chain
+    seqs = read_assay(assay_dir / "AAA_TEST_folds.csv").sequences[:5]
+    before = pooled.cache_key(seqs)
+    weights = next(Path(pooled.family.levels[0].model_id).glob("*.safetensors"))
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    try:
+        assert pooled.cache_key(seqs) != before
+    finally:
+        os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert pooled.cache_key(seqs) == before

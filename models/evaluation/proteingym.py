@@ -152,6 +152,21 @@ def rd_from_raw(projector: Projector, raw: Sequence[np.ndarray]) -> np.ndarray:
     return torch.cat(blocks, dim=1).cpu().numpy()
 
 
+def local_weights_stamp(model_id: str) -> list[list[str | int]] | None:
+    """(file, size, mtime) of a model given as a local path, so that weights rewritten in place
+    invalidate cached embeddings; None for hub ids (their revision is in the key already)."""
+    path = Path(model_id)
+    if not path.exists():
+        return None
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return [[str(f.relative_to(path) if path.is_dir() else f.name), *_stat(f)] for f in files]
+
+
+def _stat(f: Path) -> tuple[int, int]:
+    st = f.stat()
+    return st.st_size, st.st_mtime_ns
+
+
 class PooledChain:
     """Mean-pooled raw outputs of every level of a chain, cached on disk per assay."""
 
@@ -176,6 +191,7 @@ class PooledChain:
             "format": CACHE_FORMAT,
             "family": self.family.name,
             "levels": [[lv.model_id, lv.revision, lv.dim] for lv in self.family.levels],
+            "local_weights": [local_weights_stamp(lv.model_id) for lv in self.family.levels],
             "dtype": str(self.family.dtype),
             "pooling": str(Pooling.mean),
             "policy": str(self.policy),
