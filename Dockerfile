@@ -57,8 +57,8 @@ WORKDIR /home/rdserve
 VOLUME ["/data", "/cache"]
 # 8000: the API; 9100: a worker's Prometheus endpoint (RDSERVE_METRICS_PORT).
 EXPOSE 8000 9100
-# GET $RDSERVE_HEALTH_URL, default http://127.0.0.1:$RDSERVE_PORT/health/live; workers set
-# RDSERVE_HEALTH_URL to their metrics endpoint (compose does). start-period covers model downloads.
+# GET $RDSERVE_HEALTH_URL, default /health/live of the API ($RDSERVE_PORT) or, when the container
+# runs `rdserve worker`, of the worker's metrics port. start-period covers model downloads.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10m --retries=3 \
     CMD ["rdserve-healthcheck"]
 ENTRYPOINT ["rdserve"]

@@ -789,3 +789,26 @@ def test_compose_topology_runs_as_processes(compose, tiny_artifact, tmp_path):
         if redis_proc.alive():
             clear_prefix(redis_url, prefix)
         redis_proc.stop()
+
+
+def test_image_healthcheck_probes_the_role_the_container_runs(tmp_path, monkeypatch):
+    """Without RDSERVE_HEALTH_URL the default HEALTHCHECK finds the worker's metrics port when
+    the container's main process is `rdserve worker`, and the API's port otherwise."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("healthcheck", DOCKER / "healthcheck.py")
+    assert spec is not None and spec.loader is not None
+    hc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hc)
+    worker, api = tmp_path / "worker", tmp_path / "api"
+    worker.write_bytes(b"/opt/venv/bin/python\0/opt/venv/bin/rdserve\0worker\0--redis-url\0x\0")
+    api.write_bytes(b"/opt/venv/bin/python\0/opt/venv/bin/rdserve\0serve\0--host\00.0.0.0\0")
+    for var in ("RDSERVE_HEALTH_URL", "RDSERVE_PORT", "RDSERVE_METRICS_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    assert hc.health_url(["hc"], worker) == "http://127.0.0.1:9100/health/live"
+    assert hc.health_url(["hc"], api) == "http://127.0.0.1:8000/health/live"
+    assert hc.health_url(["hc"], tmp_path / "absent") == "http://127.0.0.1:8000/health/live"
+    monkeypatch.setenv("RDSERVE_METRICS_PORT", "9200")
+    assert hc.health_url(["hc"], worker) == "http://127.0.0.1:9200/health/live"
+    monkeypatch.setenv("RDSERVE_HEALTH_URL", "http://x/health/live")
+    assert hc.health_url(["hc"], worker) == "http://x/health/live"
