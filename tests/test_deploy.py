@@ -801,8 +801,12 @@ def test_image_healthcheck_probes_the_role_the_container_runs(tmp_path, monkeypa
     hc = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(hc)
     worker, api = tmp_path / "worker", tmp_path / "api"
-    worker.write_bytes(b"/opt/venv/bin/python\0/opt/venv/bin/rdserve\0worker\0--redis-url\0x\0")
-    api.write_bytes(b"/opt/venv/bin/python\0/opt/venv/bin/rdserve\0serve\0--host\00.0.0.0\0")
+    argv = {
+        worker: ["/opt/venv/bin/python", "/opt/venv/bin/rdserve", "worker", "--redis-url", "x"],
+        api: ["/opt/venv/bin/python", "/opt/venv/bin/rdserve", "serve", "--host", "0.0.0.0"],
+    }
+    for path, args in argv.items():  # /proc/1/cmdline: NUL-terminated arguments
+        path.write_bytes(b"".join(a.encode() + b"\0" for a in args))
     for var in ("RDSERVE_HEALTH_URL", "RDSERVE_PORT", "RDSERVE_METRICS_PORT"):
         monkeypatch.delenv(var, raising=False)
     assert hc.health_url(["hc"], worker) == "http://127.0.0.1:9100/health/live"
