@@ -62,6 +62,22 @@ def fit_artifact(
         raise ValueError("fitting needs a chain of at least two models")
     extractor = Extractor(family, token_budget)
     moments = accumulate_moments(extractor, seqs, policy, progress)
+    return solve_artifact(
+        family, moments, seqs, regressor, alpha, policy, extractor.token_budget, source
+    )
+
+
+def solve_artifact(
+    family: ModelFamily,
+    moments: Moments,
+    seqs: Sequence[str],
+    regressor: Regressor,
+    alpha: float,
+    policy: LongSequencePolicy,
+    token_budget: int,
+    source: str | None,
+) -> Artifact:
+    """Every step of the chain solved from the joint moments of ``seqs``, with provenance."""
     steps, stats = fit_chain(
         moments.mean,
         moments.covariance(),
@@ -83,9 +99,8 @@ def fit_artifact(
             "n_residues": moments.n,
             "long_sequence_policy": str(policy),
             # Batch composition changes float summation order (artifacts differ at ~1e-8), so
-            # what shaped the batches is part of "same data and settings".
-            "token_budget": extractor.token_budget,
-            "fit_slice": FIT_SLICE,
+            # the budget that shaped the batches is part of "same data and settings".
+            "token_budget": token_budget,
             "source": source,
         },
         rdserve_version=__version__,

@@ -21,14 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from models import __version__
-from models.artifact import Artifact, load_artifact, save_artifact
+from models.artifact import load_artifact, save_artifact
 from models.extract import Extractor
 from models.families import build_chain
-from models.fit import accumulate_moments
+from models.fit import accumulate_moments, solve_artifact
 from models.moments import Moments
-from models.rd import Regressor, fit_chain
-from models.sequences import LongSequencePolicy, clean_sequences, read_fasta, sequences_digest
+from models.rd import Regressor
+from models.sequences import LongSequencePolicy, clean_sequences, read_fasta
 
 SIZES = (250, 1000, 3000)
 REGRESSORS = (Regressor.pcr, Regressor.ols, Regressor.ridge)
@@ -66,29 +65,15 @@ def main() -> None:
         print(f"sequences {lo}–{hi}: {part.n:,} residues in {time.perf_counter() - t0:.0f} s")
         n_seqs = hi
         for reg in REGRESSORS:
-            steps, stats = fit_chain(
-                total.mean,
-                total.covariance(),
-                total.n,
-                [lv.dim for lv in family.levels],
+            art = solve_artifact(
+                family,
+                total,
+                seqs[:n_seqs],
                 reg,
                 args.alpha,
-            )
-            art = Artifact(
-                family=family.name,
-                levels=family.levels,
-                steps=tuple(steps),
-                stats=tuple(stats),
-                regressor=str(reg),
-                alpha=args.alpha if reg == Regressor.ridge else None,
-                fitting={
-                    "data_sha256": sequences_digest(seqs[:n_seqs]),
-                    "n_sequences": n_seqs,
-                    "n_residues": total.n,
-                    "long_sequence_policy": str(policy),
-                    "source": args.fasta.name,
-                },
-                rdserve_version=__version__,
+                policy,
+                extractor.token_budget,
+                args.fasta.name,
             )
             path = args.out_dir / f"unirep-rd-{n_seqs}-{reg}.safetensors"
             art = save_artifact(art, path)
