@@ -18,7 +18,13 @@ from app.schemas import EmbeddingRequest
 from app.settings import Settings
 from models.artifact import Artifact
 from models.blocks import assemble
-from models.sequences import LongSequencePolicy, Pooling, SequenceError, clean_sequence
+from models.sequences import (
+    LongSequencePolicy,
+    Pooling,
+    SequenceError,
+    clean_sequence,
+    first_duplicate,
+)
 from models.specs import family_spec
 
 log = logging.getLogger(__name__)
@@ -88,17 +94,15 @@ class EmbeddingService:
                 param="ids",
                 code="ids_length_mismatch",
             )
-        if req.ids is not None:
-            first: dict[str, int] = {}
-            for i, name in enumerate(req.ids):
-                if name in first:  # ids key the .npz output and must identify one item each
-                    raise APIError(
-                        422,
-                        f"ids[{i}] repeats ids[{first[name]}] ({name!r}); ids must be unique",
-                        param=f"ids[{i}]",
-                        code="duplicate_id",
-                    )
-                first[name] = i
+        # ids key the .npz output and must identify one item each.
+        if req.ids is not None and (dup := first_duplicate(req.ids)) is not None:
+            i, j = dup
+            raise APIError(
+                422,
+                f"ids[{i}] repeats ids[{j}] ({req.ids[i]!r}); ids must be unique",
+                param=f"ids[{i}]",
+                code="duplicate_id",
+            )
         k = req.dimensions if req.dimensions is not None else self.artifact.max_dim
         if not 1 <= k <= self.artifact.max_dim:
             raise APIError(

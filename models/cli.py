@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -36,6 +36,7 @@ from models.sequences import (
     Pooling,
     SequenceError,
     clean_sequences,
+    first_duplicate,
     packaged_sample,
     plan_segments,
     read_fasta,
@@ -104,6 +105,11 @@ def split_models(models: str, family: str) -> list[str]:
     return refs
 
 
+def naming_record(e: SequenceError, ids: Sequence[str]) -> SequenceError:
+    """The same error with the FASTA record's id in front of the reason."""
+    return SequenceError(e.index, f"({ids[e.index]}) {e.reason}", e.position, e.char)
+
+
 def long_sequence_report(
     ids: list[str], seqs: list[str], max_residues: int | None, policy: LongSequencePolicy
 ) -> str | None:
@@ -112,7 +118,7 @@ def long_sequence_report(
     try:
         _, handling = plan_segments(seqs, max_residues, policy, 0)
     except SequenceError as e:
-        raise SequenceError(e.index, f"({ids[e.index]}) {e.reason}", e.position, e.char) from None
+        raise naming_record(e, ids) from None
     changed = [(i, h) for i, h in enumerate(handling) if h != Handling.full]
     if not changed:
         return None
@@ -132,7 +138,7 @@ def read_sequences(fasta: Path, max_seqs: int | None = None) -> tuple[list[str],
     try:
         seqs = clean_sequences(r[1] for r in records)
     except SequenceError as e:
-        raise SequenceError(e.index, f"({ids[e.index]}) {e.reason}", e.position, e.char) from None
+        raise naming_record(e, ids) from None
     return ids, seqs
 
 
@@ -268,8 +274,12 @@ def embed(
             raise ValueError("per-residue output is written as .npz (one array per FASTA id)")
         if pool != Pooling.per_residue and out.suffix != ".npy":
             raise ValueError("pooled output is written as .npy (N×k float32)")
-        if pool == Pooling.per_residue and len(set(ids)) != len(ids):
-            raise ValueError("FASTA ids must be unique for .npz output")
+        dup = first_duplicate(ids) if pool == Pooling.per_residue else None
+        if dup is not None:
+            raise ValueError(
+                f"FASTA ids must be unique for .npz output: record {dup[0]} repeats "
+                f"record {dup[1]} ({ids[dup[0]]!r})"
+            )
         note = long_sequence_report(ids, seqs, embedder.family.max_residues, long_sequence_policy)
         # Bounded memory: embed in slices, each internally length-sorted and batched.
         chunk = 2048

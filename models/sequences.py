@@ -50,6 +50,16 @@ class Handling(StrEnum):
     chunked = "chunked"
 
 
+def first_duplicate(names: Sequence[str]) -> tuple[int, int] | None:
+    """(index of the first repeated name, index of its first occurrence), or None if unique."""
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if name in seen:
+            return i, seen[name]
+        seen[name] = i
+    return None
+
+
 def clean_sequence(raw: str, index: int) -> str:
     """Strip whitespace, fold case and check the alphabet; raise SequenceError naming the fault."""
     if not isinstance(raw, str):

@@ -109,6 +109,15 @@ def test_embed_npz_keys_are_any_fasta_id_and_long_sequences_are_reported(cli_art
         "--out", str(tmp_path / "e.npy"), ok=False,
     )  # fmt: skip
     assert p.returncode == 2 and "sequence 1: (allow_pickle) length 1100" in p.stderr
+    dup = tmp_path / "dup.fasta"
+    dup.write_text(">a\nMKV\n>b\nGGS\n>a\nMKW\n")
+    p = run(
+        "embed", "--artifact", str(cli_artifact), "--fasta", str(dup), "--device", "cpu",
+        "--dimensions", "16", "--pooling", "per-residue", "--out", str(tmp_path / "d.npz"),
+        ok=False,
+    )  # fmt: skip
+    assert p.returncode == 2
+    assert "FASTA ids must be unique for .npz output: record 2 repeats record 0 ('a')" in p.stderr
 
 
 def test_cli_errors_are_one_clear_line(cli_artifact, tmp_path):
