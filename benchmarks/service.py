@@ -75,6 +75,7 @@ class Server:
             )
         )
         self.mode = mode
+        self.redis = redis.Redis.from_url(REDIS_URL)  # for INFO cpu (distributed mode)
         self.base = f"http://127.0.0.1:{port}"
         t0 = time.perf_counter()
         procs.wait_http(f"{self.base}/health/ready", self.procs[-1], timeout=300)
@@ -85,11 +86,12 @@ class Server:
         names = ["worker", "api"] if self.mode == "distributed" else ["api"]
         out = {n: process_cpu_s(p.p.pid) for n, p in zip(names, self.procs, strict=True)}
         if self.mode == "distributed":
-            info = redis.Redis.from_url(REDIS_URL).info("cpu")
+            info = self.redis.info("cpu")
             out["redis"] = float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
         return out
 
     def close(self) -> None:
+        self.redis.close()
         for p in self.procs:
             p.stop()
         if self.mode == "distributed":
