@@ -127,6 +127,7 @@ def distributed_service(settings: Settings, artifact: Artifact) -> EmbeddingServ
             max_connections=settings.redis_max_connections,
             timeout=10,
             socket_timeout=10,
+            socket_connect_timeout=2,  # an unreachable Redis answers 503 quickly, not in 10 s
             health_check_interval=30,
         )
     )

@@ -79,7 +79,7 @@ def serve(
         port=s.port,
         log_config=None,
         access_log=False,
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=s.shutdown_timeout_s,
     )
 
 
@@ -118,7 +118,7 @@ def worker(
         art = load_served_artifact(s)
         embedder = build_embedder(s, art, [x for x in models.split(",") if x] if models else None)
     client = redis.Redis.from_url(s.redis_url, socket_timeout=30, health_check_interval=30)
-    source = RedisJobSource(client, s.redis_prefix, name, s.claim_idle_s)
+    source = RedisJobSource(client, s.redis_prefix, name, s.claim_idle_s, s.heartbeat_s)
     w = build_worker(embedder, source, s, name)
     if s.metrics_port:  # /metrics and a /health/live that fails when the loop stalls
         serve_worker_http(
@@ -128,8 +128,15 @@ def worker(
         client, s.redis_prefix, w.state, art.sha256, str(embedder.family.device), s.heartbeat_s
     )
     beat.start()
+
+    def on_signal(signum: int, _: object) -> None:
+        if w.stopping:  # a second signal: stop now; other workers claim what is left pending
+            raise SystemExit(128 + signum)
+        err.print(f"worker {name}: stopping after the current batch")
+        w.stop()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: w.stop())
+        signal.signal(sig, on_signal)
     try:
         with user_errors():
             if s.warmup:

@@ -26,6 +26,10 @@ class NoWorkerError(Exception):
     """No worker can take the job (→ 503)."""
 
 
+class QueueUnavailableError(Exception):
+    """The job queue (Redis) cannot be reached (→ 503)."""
+
+
 @dataclass(frozen=True)
 class FleetStatus:
     """Readiness as the API sees it."""
@@ -33,7 +37,8 @@ class FleetStatus:
     workers: int  # live workers serving this artifact
     loaded: list[bool]  # per level: resident in at least one worker
     ready: list[bool]  # per level: warmed in at least one worker (a usable prefix)
-    error: str | None = None  # fatal worker error to report
+    error: str | None = None  # fatal worker error, or why the queue is unreachable
+    queue_ok: bool = True  # the job queue answers (always, in embedded mode)
 
 
 class Dispatcher(Protocol):

@@ -41,11 +41,13 @@ class Job:
 
 @dataclass(slots=True)
 class ItemResult:
-    """Computed blocks of one work item."""
+    """Computed blocks of one work item, or why it failed."""
 
-    blocks: list[np.ndarray]  # RD blocks of levels start … stop (float32)
+    blocks: list[np.ndarray]  # RD blocks of levels start … stop (float32); empty on failure
     residues: int  # residues embedded
     handling: str  # full | truncated | chunked
+    error: str | None = None  # set when this item failed even in a batch of its own
+    code: str | None = None  # out_of_memory | compute_failed, with error
 
 
 @dataclass(slots=True)
@@ -53,9 +55,9 @@ class JobResult:
     """A worker's answer to a job: results in item order, or an error."""
 
     id: str  # the job id
-    items: list[ItemResult] = field(default_factory=list)  # one per work item on success
-    error: str | None = None  # message when the job failed
-    code: str | None = None  # machine-readable error code (timeout, bad_request, internal)
+    items: list[ItemResult] = field(default_factory=list)  # one per work item unless error is set
+    error: str | None = None  # message when the whole job failed
+    code: str | None = None  # machine-readable error code (timeout, artifact_mismatch, internal)
     worker: str = ""  # which worker computed it
 
 
@@ -138,7 +140,7 @@ def result_to_wire(res: JobResult) -> bytes:
             "error": res.error,
             "code": res.code,
             "worker": res.worker,
-            "items": [[it.blocks, it.residues, it.handling] for it in res.items],
+            "items": [[it.blocks, it.residues, it.handling, it.error, it.code] for it in res.items],
         }
     )
 
@@ -150,5 +152,5 @@ def result_from_wire(data: bytes) -> JobResult:
         error=d["error"],
         code=d["code"],
         worker=d["worker"],
-        items=[ItemResult(list(b), r, h) for b, r, h in d["items"]],
+        items=[ItemResult(list(b), r, h, e, c) for b, r, h, e, c in d["items"]],
     )

@@ -106,6 +106,29 @@ WORKERS_LIVE = Gauge(
     "Workers with a fresh heartbeat serving this artifact.",
     registry=REGISTRY,
 )
+ITEM_FAILURES = Counter(
+    "rdserve_item_failures",
+    "Sequences that failed even in a batch of their own (after split-and-retry), by reason.",
+    ["reason"],
+    registry=REGISTRY,
+)
+JOBS_RECLAIMED = Counter(
+    "rdserve_jobs_reclaimed",
+    "Jobs this worker took over from another: dead (heartbeat gone) or idle (claim_idle_s).",
+    ["reason"],
+    registry=REGISTRY,
+)
+JOBS_RESUBMITTED = Counter(
+    "rdserve_jobs_resubmitted",
+    "Jobs the API queued again because Redis lost them (restart without persistence).",
+    registry=REGISTRY,
+)
+REPLIES_DISCARDED = Counter(
+    "rdserve_replies_discarded",
+    "Worker replies nobody waited for: duplicate (computed twice) or expired (request ended).",
+    ["reason"],
+    registry=REGISTRY,
+)
 ARTIFACT = Info("rdserve_artifact", "The projection artifact being served.", registry=REGISTRY)
 
 

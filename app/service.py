@@ -11,9 +11,9 @@ import numpy as np
 
 from app import metrics as m
 from app.cache import Cache, CacheEntry, cache_key, cache_namespace
-from app.dispatch import Dispatcher, NoWorkerError, QueueFullError
+from app.dispatch import Dispatcher, NoWorkerError, QueueFullError, QueueUnavailableError
 from app.errors import APIError
-from app.jobs import Job, WorkItem
+from app.jobs import ItemResult, Job, WorkItem
 from app.schemas import EmbeddingRequest
 from app.settings import Settings
 from models.artifact import Artifact
@@ -187,7 +187,9 @@ class EmbeddingService:
             m.CACHE.labels(tiers[key]).inc()
 
         if work:
-            await self._compute(work, entries, req, stop)
+            failed = await self._compute(work, entries, req, stop)
+            if failed:
+                raise _item_failed(failed, keys)
 
         items = []
         for key in keys:
@@ -209,7 +211,9 @@ class EmbeddingService:
         entries: dict[str, CacheEntry | None],
         req: EmbeddingRequest,
         stop: int,
-    ) -> None:
+    ) -> list[tuple[str, ItemResult]]:
+        """Run the misses on a worker and store what came back; returns the items that failed
+        (the others are cached either way, so a retry without the failed ones is served fast)."""
         timeout = self.settings.request_timeout_s
         job = Job(
             # Our own id, never the client's X-Request-ID: replies are routed by job id, and two
@@ -231,6 +235,14 @@ class EmbeddingService:
                 code="queue_full",
                 headers={"Retry-After": "1"},
             ) from None
+        except QueueUnavailableError as e:
+            raise APIError(
+                503,
+                f"the job queue is unavailable: {e}",
+                type="server_error",
+                code="queue_unavailable",
+                headers={"Retry-After": "5"},
+            ) from None
         except NoWorkerError as e:
             raise APIError(
                 503,
@@ -249,9 +261,12 @@ class EmbeddingService:
         if result.error is not None:
             status = 504 if result.code == "timeout" else 500
             raise APIError(status, result.error, type="server_error", code=result.code)
-        stores = []
+        stores, failed = [], []
         cap = self.settings.cache_per_residue_max_bytes
         for (key, w), r in zip(work, result.items, strict=True):
+            if r.error is not None:
+                failed.append((key, r))
+                continue
             known = entries[key].blocks[: w.start] if entries[key] is not None else []
             entry = CacheEntry([*known, *r.blocks], r.residues, r.handling)
             entries[key] = entry
@@ -259,3 +274,25 @@ class EmbeddingService:
             if not per_residue or sum(b.nbytes for b in entry.blocks) <= cap:
                 stores.append((key, w.start, entry))
         await self.cache.put_many(stores)
+        return failed
+
+
+def _item_failed(failed: list[tuple[str, ItemResult]], keys: list[str]) -> APIError:
+    """The error for sequences that failed even alone, naming the first by its input index."""
+    key, r = failed[0]
+    i = keys.index(key)
+    others = f" ({len(failed) - 1} more sequences failed too)" if len(failed) > 1 else ""
+    hint = (
+        "; it does not fit in the worker's device memory even alone: send it with "
+        "long_sequence_policy 'chunk' or shorter"
+        if r.code == "out_of_memory"
+        else ""
+    )
+    return APIError(
+        500,
+        f"input[{i}]: could not be embedded even in a batch of its own: {r.error}{hint}{others}. "
+        "The other sequences were computed and cached: resending them is served from the cache.",
+        type="server_error",
+        param=f"input[{i}]",
+        code=r.code or "compute_failed",
+    )

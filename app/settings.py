@@ -66,6 +66,12 @@ class Settings(BaseSettings):
     )
     max_queue: int = Field(1024, ge=1, description="Most queued requests before 429.")
     request_timeout_s: float = Field(120.0, gt=0, description="Per-request deadline (504 after).")
+    shutdown_timeout_s: float = Field(
+        25.0,
+        gt=0,
+        description="On SIGTERM the API stops accepting and waits this long for in-flight "
+        "requests (keep it below the orchestrator's stop grace period).",
+    )
 
     # Cache
     cache_max_bytes: int = Field(

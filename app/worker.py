@@ -22,6 +22,7 @@ import numpy as np
 
 from app import metrics as m
 from app.jobs import ItemResult, Job, JobResult
+from models.blocks import ItemFailure
 from models.sequences import LongSequencePolicy, Pooling
 
 if TYPE_CHECKING:  # torch-heavy; the worker receives a ready Embedder
@@ -142,7 +143,12 @@ class Worker:
 
     # -- loop -----------------------------------------------------------------------------------
     def stop(self) -> None:
+        """Finish the jobs taken in the current turn, then leave the loop."""
         self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
 
     def run(self) -> None:
         """Serve until stop(); each turn drains a batch of jobs and processes it."""
@@ -152,7 +158,12 @@ class Worker:
             while not self._stop.is_set():
                 self.last_turn = time.time()
                 m.WORKER_HEARTBEAT.set(self.last_turn)
-                jobs = self.source.take(self.drain_residues, self.wait_s)
+                try:
+                    jobs = self.source.take(self.drain_residues, self.wait_s)
+                except Exception:  # a queue hiccup must not end the worker
+                    log.exception("taking jobs failed; retrying")
+                    self._stop.wait(1.0)
+                    continue
                 if jobs:
                     self.process(jobs)
         finally:
@@ -208,11 +219,16 @@ class Worker:
                 for done in batches:
                     for k, r in done:
                         j, i = members[k]
-                        results[j][i] = ItemResult(
-                            [np.asarray(b, dtype=np.float32) for b in r.blocks],
-                            r.residues,
-                            str(r.handling),
-                        )
+                        if isinstance(r, ItemFailure):  # failed even alone: only this item
+                            code = "out_of_memory" if r.out_of_memory else "compute_failed"
+                            m.ITEM_FAILURES.labels(code).inc()
+                            results[j][i] = ItemResult([], 0, "", error=r.message, code=code)
+                        else:
+                            results[j][i] = ItemResult(
+                                [np.asarray(b, dtype=np.float32) for b in r.blocks],
+                                r.residues,
+                                str(r.handling),
+                            )
                         pending[j] -= 1
                         if pending[j] == 0 and not failed[j]:
                             done_items: list[ItemResult] = results[j]  # type: ignore[assignment]

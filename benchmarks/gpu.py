@@ -275,17 +275,24 @@ def main(argv: list[str] | None = None) -> int:
         "budget": args.budget,
         "command": " ".join(["python", *sys.argv]),
     }
-    result["per_level"] = {d: per_level(seqs, sizes, d, args) for d in dtypes}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every section: a run cut short still leaves its numbers
+        result["wall_s"] = time.perf_counter() - t0
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+    result["per_level"] = {}
+    for d in dtypes:
+        result["per_level"][d] = per_level(seqs, sizes, d, args)
+        save()
     result["rd_vs_raw"] = rd_vs_raw(seqs, sizes[:3], args)
+    save()
     sweep_size = "650M" if "650M" in sizes else sizes[-1]
     result["budget_sweep"] = {"size": sweep_size, "rows": budget_sweep(seqs, sweep_size, args)}
-    result["kernels"] = {
-        "size": "150M" if "150M" in sizes else sizes[0],
-        **kernels(seqs, "150M" if "150M" in sizes else sizes[0], args),
-    }
-    result["wall_s"] = time.perf_counter() - t0
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    save()
+    kernel_size = "150M" if "150M" in sizes else sizes[0]
+    result["kernels"] = {"size": kernel_size, **kernels(seqs, kernel_size, args)}
+    save()
     print(f"wrote {args.out} in {result['wall_s']:.0f} s")
     return 0
 

@@ -3,8 +3,28 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
+
+from models.sequences import Handling
+
+
+@dataclass(slots=True)
+class ItemBlocks:
+    """RD blocks computed for one sequence."""
+
+    blocks: list[np.ndarray]  # blocks of levels start … stop: (k_l,) pooled or (L, k_l) per residue
+    residues: int  # residues embedded (after truncation)
+    handling: Handling  # full | truncated | chunked
+
+
+@dataclass(slots=True)
+class ItemFailure:
+    """Why one sequence was not embedded: it failed even in a batch of its own."""
+
+    message: str  # the error, e.g. "OutOfMemoryError: CUDA out of memory. Tried to allocate …"
+    out_of_memory: bool  # the device ran out of memory (a larger device or chunking may help)
 
 
 def assemble(blocks: Sequence[np.ndarray], k: int, normalize: bool = False) -> np.ndarray:

@@ -4,28 +4,35 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from models.artifact import Artifact, check_levels_match
-from models.blocks import assemble
-from models.extract import Extractor, ForwardObserver, Pooling
+from models.blocks import ItemBlocks, ItemFailure, assemble
+from models.extract import BatchPlan, Extractor, ForwardObserver, Pooling, split_plan
 from models.families.base import ModelFamily
 from models.projection import Projector
 from models.sequences import Handling, LongSequencePolicy
 
+__all__ = ["Embedder", "EmbeddingError", "ItemBlocks", "ItemFailure"]
+
 log = logging.getLogger(__name__)
 
 
-@dataclass(slots=True)
-class ItemBlocks:
-    """RD blocks computed for one sequence."""
+class EmbeddingError(RuntimeError):
+    """A sequence could not be embedded (compute() raises it; iter_compute() yields failures)."""
 
-    blocks: list[np.ndarray]  # blocks of levels start … stop: (k_l,) pooled or (L, k_l) per residue
-    residues: int  # residues embedded (after truncation)
-    handling: Handling  # full | truncated | chunked
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """A device (or host) allocation failure, as opposed to a bug or bad input."""
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def release_device_memory(device: torch.device) -> None:
+    """Return cached blocks of a failed batch to the driver before retrying smaller batches."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 class Embedder:
@@ -63,6 +70,8 @@ class Embedder:
         results: list[ItemBlocks | None] = [None] * len(seqs)
         for done in self.iter_compute(seqs, stop, start, pooling, policy, prefixes, observer):
             for i, item in done:
+                if isinstance(item, ItemFailure):
+                    raise EmbeddingError(f"sequence {i}: {item.message}")
                 results[i] = item
         assert all(r is not None for r in results)
         return results  # type: ignore[return-value]
@@ -76,11 +85,13 @@ class Embedder:
         policy: LongSequencePolicy = LongSequencePolicy.error,
         prefixes: Sequence[np.ndarray] | None = None,
         observer: ForwardObserver | None = None,
-    ) -> Iterator[list[tuple[int, ItemBlocks]]]:
+    ) -> Iterator[list[tuple[int, ItemBlocks | ItemFailure]]]:
         """Like compute(), but yields (input index, blocks) pairs batch by batch as they finish.
 
         Callers serving many requests at once answer each as soon as its batch is done, while
-        the whole set is still planned (length-sorted) together.
+        the whole set is still planned (length-sorted) together.  A batch that fails (out of
+        device memory, or any other error) is split in halves and retried; a sequence that
+        still fails alone is yielded as an ItemFailure, and the other sequences go on.
         """
         if not 0 <= start <= stop < len(self.artifact.levels):
             raise ValueError(
@@ -89,31 +100,59 @@ class Embedder:
         if start > 0 and (prefixes is None or len(prefixes) != len(seqs)):
             raise ValueError("prefixes (one per sequence) are required when start > 0")
         plans, handling = self.extractor.plan(seqs, policy)
-        levels = list(range(start, stop + 1))
-        dev = self.family.device
-        for plan in plans:
-            out = self.extractor.run(plan, levels, pooling, observer)
-            prefix = None
-            if start > 0:
-                assert prefixes is not None
-                width = self.artifact.dims[start - 1]
-                prefix = torch.from_numpy(
-                    np.concatenate(
-                        [np.asarray(prefixes[i], np.float32).reshape(-1, width) for i in plan.items]
-                    )
-                ).to(dev)
-            blocks = [
-                b.cpu().numpy() for b in self.projector.extend(prefix, out.levels, start, stop)
-            ]
-            if pooling == Pooling.per_residue:
-                cuts = np.cumsum(out.lengths)[:-1]
-                per_item = [np.split(b, cuts) for b in blocks]
+        todo = list(plans)
+        while todo:
+            plan = todo.pop(0)
+            try:
+                done = self._run_plan(plan, handling, stop, start, pooling, prefixes, observer)
+            except Exception as e:  # noqa: BLE001 — isolate the failing sequence, keep the rest
+                failure = ItemFailure(f"{type(e).__name__}: {e}", is_out_of_memory(e))
             else:
-                per_item = [list(b) for b in blocks]
-            yield [
-                (i, ItemBlocks([pb[row] for pb in per_item], int(out.lengths[row]), handling[i]))
-                for row, i in enumerate(plan.items)
-            ]
+                yield done
+                continue
+            # Outside the except block: the traceback no longer pins the batch's tensors.
+            release_device_memory(self.family.device)
+            if len(plan.items) > 1:
+                log.warning(
+                    "batch failed; retrying it in halves",
+                    extra={"sequences": len(plan.items), "error": failure.message[:300]},
+                )
+                todo[:0] = split_plan(plan)
+            else:
+                log.error("sequence failed on its own", extra={"error": failure.message[:300]})
+                yield [(plan.items[0], failure)]
+
+    def _run_plan(
+        self,
+        plan: BatchPlan,
+        handling: Sequence[Handling],
+        stop: int,
+        start: int,
+        pooling: Pooling,
+        prefixes: Sequence[np.ndarray] | None,
+        observer: ForwardObserver | None,
+    ) -> list[tuple[int, ItemBlocks | ItemFailure]]:
+        """Run levels start … stop on one batch and project: (input index, blocks) per item."""
+        out = self.extractor.run(plan, list(range(start, stop + 1)), pooling, observer)
+        prefix = None
+        if start > 0:
+            assert prefixes is not None
+            width = self.artifact.dims[start - 1]
+            prefix = torch.from_numpy(
+                np.concatenate(
+                    [np.asarray(prefixes[i], np.float32).reshape(-1, width) for i in plan.items]
+                )
+            ).to(self.family.device)
+        blocks = [b.cpu().numpy() for b in self.projector.extend(prefix, out.levels, start, stop)]
+        if pooling == Pooling.per_residue:
+            cuts = np.cumsum(out.lengths)[:-1]
+            per_item = [np.split(b, cuts) for b in blocks]
+        else:
+            per_item = [list(b) for b in blocks]
+        return [
+            (i, ItemBlocks([pb[row] for pb in per_item], int(out.lengths[row]), handling[i]))
+            for row, i in enumerate(plan.items)
+        ]
 
     def embed(
         self,

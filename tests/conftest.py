@@ -12,7 +12,10 @@ import torch
 # Tests never use the hub (unreachable here): fail fast instead of retrying connections.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+# RDSERVE_SHARED_DATA: where ../shared/data is not beside the checkout (the lent GPU machine).
+SHARED = Path(
+    os.environ.get("RDSERVE_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data"
+)
 ESM2_DIR = SHARED / "esm2" / "esm2_t6_8M_UR50D"
 UNIREF = SHARED / "sequences" / "uniref90_sample_10k.fasta"
 TINY_DIMS = (32, 48, 64)

@@ -9,8 +9,12 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
+
+if TYPE_CHECKING:
+    import redis
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,6 +41,14 @@ class Proc:
 
     def alive(self) -> bool:
         return self.p.poll() is None
+
+    def signal(self, sig: int) -> None:
+        """Send a signal (e.g. SIGTERM for a graceful stop, SIGKILL for a crash)."""
+        self.p.send_signal(sig)
+
+    def wait(self, timeout: float = 60) -> int:
+        """Exit code once the process ends on its own."""
+        return self.p.wait(timeout)
 
     def stop(self, timeout: float = 15) -> int:
         if self.alive():
@@ -80,3 +92,40 @@ def clear_prefix(url: str, prefix: str) -> None:
     if keys:
         r.delete(*keys)
     r.close()
+
+
+class RedisServer:
+    """A private redis-server on a free port (no persistence) that tests may stop and restart."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.log_dir = log_dir
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> RedisServer:
+        argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        argv += ["--appendonly", "no", "--dir", str(self.log_dir)]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as c:
+                    c.sendall(b"PING\r\n")
+                    if c.recv(16).startswith(b"+PONG"):
+                        return self
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError(f"redis-server did not start on port {self.port}")
+
+    def stop(self) -> None:
+        """Stop it; what it held is gone (it keeps nothing on disk)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self.proc = None
+
+    def client(self) -> redis.Redis:
+        import redis
+
+        return redis.Redis.from_url(self.url)
