@@ -150,3 +150,22 @@ def test_unreachable_hub_gives_a_clear_error(monkeypatch, tmp_path):
     msg = str(ei.value)
     assert "facebook/esm2_t6_8M_UR50D" in msg and "local model directories" in msg
     assert "RDSERVE_FAMILY=unirep" in msg
+
+
+def test_pickled_checkpoints_are_refused(tiny_esm_dirs, tmp_path):
+    """Weights load from safetensors only: a pytorch_model.bin (a pickle) is never unpickled."""
+    import shutil
+
+    from transformers import EsmForMaskedLM
+
+    src = tiny_esm_dirs[0]
+    for f in src.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, tmp_path / f.name)
+    state = EsmForMaskedLM.from_pretrained(src).state_dict()
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    fam = build_chain("esm2", models=[str(tmp_path)], device="cpu")
+    with pytest.raises(WeightsUnavailableError, match="only from safetensors"):
+        fam.load(0)
+    # The same weights as safetensors load fine.
+    assert build_chain("esm2", models=[str(src)], device="cpu").load(0) is not None

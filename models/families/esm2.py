@@ -24,6 +24,11 @@ ESM2_PRESETS: dict[str, tuple[str, int]] = {
 }
 _BY_HUB_ID = {hub: (name, dim) for name, (hub, dim) in ESM2_PRESETS.items()}
 
+SAFETENSORS_HINT = (
+    "rdserve loads weights only from safetensors files (pickled .bin checkpoints can run code). "
+    "Convert the checkpoint (load it once in a trusted environment and save_pretrained it), or "
+    "pin a hub revision that has model.safetensors (--revision / RDSERVE_REVISION)."
+)
 OFFLINE_HINT = (
     "Provide the weights in one of these ways: pass local model directories "
     "(--models /path/to/esm2_t6_8M_UR50D,... or RDSERVE_MODELS), pre-fill the Hugging Face cache "
@@ -141,9 +146,13 @@ class ESM2Family(ModelFamily, spec=FAMILY_SPECS["esm2"]):
                 dtype=self.dtype,
                 attn_implementation=self.attn_implementation,
                 add_pooling_layer=False,
+                # Never unpickle weights (pytorch_model.bin): a checkpoint is code otherwise.
+                use_safetensors=True,
             )
         except OSError as e:
-            raise WeightsUnavailableError([lv], str(e).splitlines()[0], OFFLINE_HINT) from e
+            first = str(e).splitlines()[0]
+            hint = SAFETENSORS_HINT if "safetensors" in str(e) else OFFLINE_HINT
+            raise WeightsUnavailableError([lv], first, hint) from e
         self.check_dim(level, model.config.hidden_size)
         return model.to(self.device).eval()
 
