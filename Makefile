@@ -23,6 +23,7 @@ serve: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/bandit -q -c pyproject.toml -r app models
 
 test: install lint
 	bash scripts/ensure-redis

@@ -67,6 +67,17 @@ def _most_specific(errors: list[dict]) -> dict:
     return max(errors, key=lambda e: sum(isinstance(p, int) for p in e.get("loc", ())))
 
 
+def _unparsable_body(cause: BaseException | None) -> str | None:
+    """Why the JSON parser gave up on a body, for the errors FastAPI reports as a bare 400."""
+    if isinstance(cause, RecursionError):  # json's C scanner stops at the recursion limit
+        return "nested too deeply"
+    if isinstance(cause, UnicodeDecodeError):
+        return "not UTF-8 text"
+    if isinstance(cause, ValueError):  # e.g. an integer longer than int's 4300-digit limit
+        return "a value cannot be represented (a number too long?)"
+    return None
+
+
 def install_handlers(app: FastAPI) -> None:
     """Map every failure (ours, validation, HTTP, unexpected) onto the one error shape."""
 
@@ -91,6 +102,11 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 400 and (why := _unparsable_body(exc.__cause__)):
+            # FastAPI turns every body-parsing failure other than a JSONDecodeError into a bare
+            # 400; they are invalid JSON all the same, answered like the rest (422 json_invalid).
+            msg = f"request body is not valid JSON: {why}"
+            return error_response(APIError(422, msg, param="body", code="json_invalid"))
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return error_response(
             APIError(exc.status_code, str(exc.detail), code=code, headers=dict(exc.headers or {}))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import re
@@ -37,17 +38,26 @@ _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 class Gate:
     """Wraps the app: everything here happens before the body is parsed."""
 
-    def __init__(self, app: ASGIApp, api_keys: list[str], max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        api_keys: list[str],
+        max_body_bytes: int,
+        max_json_values: int = 2**16,
+    ) -> None:
         self.app = app
-        self.keys = [k.encode() for k in api_keys]
+        # Only digests are kept and compared: equal-length inputs to compare_digest, so the time
+        # taken reveals neither a key's length nor how much of it a guess got right.
+        self.key_digests = [hashlib.sha256(k.encode()).digest() for k in api_keys]
         self.max_body = max_body_bytes
+        self.max_json_values = max_json_values
 
     def _authorised(self, header: bytes | None) -> bool:
         if header is None or not header.lower().startswith(b"bearer "):
             return False
-        token = header[7:].strip()
+        token = hashlib.sha256(header[7:].strip()).digest()
         ok = False
-        for key in self.keys:  # no early exit: timing does not reveal which key matched
+        for key in self.key_digests:  # no early exit: timing does not reveal which key matched
             ok |= hmac.compare_digest(token, key)
         return ok
 
@@ -87,7 +97,7 @@ class Gate:
 
         try:
             if (
-                self.keys
+                self.key_digests
                 and not path.startswith("/health")
                 and not self._authorised(headers.get(b"authorization"))
             ):
@@ -100,13 +110,27 @@ class Gate:
                 )
                 return
             if scope["method"] in ("POST", "PUT", "PATCH"):
-                body = await self._read_body(receive)
+                # A declared length over the limit is refused before a byte of the body is read.
+                too_long = _declared_length(headers) > self.max_body
+                body = None if too_long else await self._read_body(receive)
                 if body is None:
                     await reject(
                         413,
                         f"request body exceeds {self.max_body} bytes",
                         "invalid_request_error",
                         "body_too_large",
+                    )
+                    return
+                if _json_values_bound(body) > self.max_json_values:
+                    # Parsed JSON costs up to ~30x its bytes in Python objects ("[]," is 3 bytes,
+                    # an empty list ~80), and deep nesting recurses: both are bounded by the count
+                    # of values, which real requests keep small (one per sequence and id).
+                    await reject(
+                        413,
+                        f"request body has more than {self.max_json_values} JSON arrays, objects "
+                        "or items; a request carries one string per sequence (and per id)",
+                        "invalid_request_error",
+                        "body_too_complex",
                     )
                     return
                 receive = _replay(body)
@@ -150,6 +174,23 @@ class Gate:
             if not msg.get("more_body", False):
                 break
         return b"".join(chunks)
+
+
+def _declared_length(headers: dict[bytes, bytes]) -> int:
+    """The Content-Length header's value; -1 when absent or malformed (the body is then read)."""
+    try:
+        return int(headers.get(b"content-length", b"-1"))
+    except ValueError:
+        return -1
+
+
+def _json_values_bound(body: bytes) -> int:
+    """An upper bound on the number of values in ``body`` parsed as JSON, in C-speed scans.
+
+    Every value but the first follows a comma or opens a container; bytes inside strings are
+    counted too, which only errs towards a larger bound.
+    """
+    return body.count(b",") + 2 * (body.count(b"[") + body.count(b"{")) + 1
 
 
 def _replay(body: bytes) -> Receive:

@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
-from models.sequences import LongSequencePolicy, Pooling
+from models.sequences import ALPHABET, LongSequencePolicy, Pooling
+
+_RESIDUE = f"[{ALPHABET}{ALPHABET.lower()}]"
+# Python's \s (what the service strips) spelled out, since JSON Schema's regex dialect differs.
+_SPACE = "[" + "".join(f"\\u{c:04x}" for c in range(0x10000) if chr(c).isspace()) + "]"
+# What the service accepts, documented (for clients, and for the API fuzz test) but checked by the
+# service itself, whose error names the offending residue and its position.
+SEQUENCE_SCHEMA = {
+    "type": "string",
+    "pattern": f"^{_SPACE}*{_RESIDUE}(?:{_RESIDUE}|{_SPACE})*$",
+    "description": f"Residues from {ALPHABET} (any case); whitespace is ignored.",
+}
+ProteinSequence = Annotated[str, WithJsonSchema(SEQUENCE_SCHEMA)]
+ProteinSequences = Annotated[
+    list[ProteinSequence],
+    WithJsonSchema({"type": "array", "items": SEQUENCE_SCHEMA, "minItems": 1}),
+]
 
 
 class EmbeddingRequest(BaseModel):
@@ -14,7 +30,7 @@ class EmbeddingRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    input: str | list[str] = Field(
+    input: ProteinSequence | ProteinSequences = Field(
         ..., description="One protein sequence or a list (whitespace stripped, case folded)."
     )
     model: str | None = Field(
@@ -118,3 +134,29 @@ class Readiness(BaseModel):
     levels: list[LevelInfo] = Field(..., description="Per-level readiness.")
     mode: Literal["embedded", "distributed"] = Field(..., description="Where workers run.")
     workers: int = Field(..., description="Live workers serving this artifact.")
+    error: str | None = Field(None, description="Why it is not ready, when a failure is known.")
+
+
+class Liveness(BaseModel):
+    """GET /health/live."""
+
+    status: Literal["live"] = "live"
+
+
+class ErrorDetail(BaseModel):
+    """The body of every error response, whatever produced it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    message: str = Field(..., description="What went wrong, naming the field and item.")
+    type: str = Field(..., description="OpenAI-style class, e.g. 'invalid_request_error'.")
+    param: str | None = Field(..., description="The field (and item) at fault, e.g. 'input[3]'.")
+    code: str | None = Field(..., description="Machine-readable reason, e.g. 'invalid_sequence'.")
+
+
+class ErrorResponse(BaseModel):
+    """{"error": {"message", "type", "param", "code"}} — the one error shape."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    error: ErrorDetail

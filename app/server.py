@@ -17,7 +17,9 @@ from app.middleware import Gate
 from app.schemas import (
     EmbeddingRequest,
     EmbeddingResponse,
+    ErrorResponse,
     LevelInfo,
+    Liveness,
     ModelCard,
     ModelList,
     Readiness,
@@ -36,11 +38,93 @@ ERROR_EXAMPLE = {
 }
 
 
-def _errors(*codes: int) -> dict:
-    return {
-        c: {"description": "Error", "content": {"application/json": {"example": ERROR_EXAMPLE}}}
-        for c in codes
+ERROR_CASES = {
+    401: "Missing or invalid API key (only when keys are configured).",
+    404: "The requested model is not served here.",
+    413: "Body over max_body_bytes, or with too many JSON values.",
+    422: "Invalid request: the field and item are named in `param`.",
+    429: "The request queue is full; retry after `Retry-After` seconds.",
+    500: "Internal error, or a sequence the worker could not embed.",
+    503: "No worker or no job queue; retry after `Retry-After` seconds.",
+    504: "The request did not finish within request_timeout_s.",
+}
+RETRY_AFTER = {
+    "Retry-After": {
+        "description": "Seconds to wait.",
+        "schema": {"type": "string", "pattern": "^[0-9]+$"},
+        "required": True,
     }
+}
+# Headers of error responses, by status (documented, and so checked by the API fuzz test).
+ERROR_HEADERS = {
+    401: {
+        "WWW-Authenticate": {
+            "description": "The Bearer scheme.",
+            "schema": {"type": "string"},
+            "required": True,
+        }
+    },
+    429: RETRY_AFTER,
+    503: RETRY_AFTER,
+}
+REQUEST_ID = {
+    "X-Request-ID": {
+        "description": "The client's X-Request-ID if it is a safe token, else a generated one.",
+        "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,64}$"},
+        "required": True,
+    }
+}
+SECURITY_SCHEME = "apiKey"
+BINARY = {"type": "string", "format": "binary"}
+
+
+def _error(code: int) -> dict:
+    """The OpenAPI response of one error status: the one error shape, and its headers."""
+    return {
+        "description": ERROR_CASES[code],
+        "content": {
+            "application/json": {
+                "schema": {"$ref": "#/components/schemas/ErrorResponse"},
+                "example": ERROR_EXAMPLE,
+            }
+        },
+        **({"headers": ERROR_HEADERS[code]} if code in ERROR_HEADERS else {}),
+    }
+
+
+def _errors(*codes: int) -> dict:
+    # "model" registers ErrorResponse under components/schemas, where _error's $ref points.
+    return {c: {"model": ErrorResponse, **_error(c)} for c in codes}
+
+
+def _document_gate(schema: dict, keyed: bool) -> dict:
+    """Add what the ASGI gate does on every route to the generated OpenAPI document.
+
+    The gate answers before routing (401 without a valid key, 413 for bodies, 500 for anything
+    unexpected) and stamps X-Request-ID on every response, so these are documented here for all
+    operations rather than repeated on each route.
+    """
+    if keyed:
+        schema.setdefault("components", {})["securitySchemes"] = {
+            SECURITY_SCHEME: {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "One of the configured API keys: `Authorization: Bearer KEY`.",
+            }
+        }
+    for path, ops in schema["paths"].items():
+        for method, op in ops.items():
+            gate_codes = [500]
+            if keyed and not path.startswith("/health"):
+                op["security"] = [{SECURITY_SCHEME: []}]
+                gate_codes.append(401)
+            if method in ("post", "put", "patch"):
+                gate_codes.append(413)
+            for code in gate_codes:
+                op["responses"].setdefault(str(code), _error(code))
+            for response in op["responses"].values():
+                response.setdefault("headers", {}).update(REQUEST_ID)
+    return schema
 
 
 def create_app(service: EmbeddingService) -> FastAPI:
@@ -98,8 +182,13 @@ def create_app(service: EmbeddingService) -> FastAPI:
         "/v1/embeddings",
         response_model=None,
         responses={
-            200: {"model": EmbeddingResponse, "content": {NPY: {}, "application/x-npz": {}}},
-            **_errors(401, 404, 413, 422, 429, 503, 504),
+            200: {
+                "model": EmbeddingResponse,
+                "description": "JSON, or with `Accept: application/x-npy` a .npy (pooled) or "
+                ".npz (per residue) array.",
+                "content": {NPY: {"schema": BINARY}, "application/x-npz": {"schema": BINARY}},
+            },
+            **_errors(404, 413, 422, 429, 500, 503, 504),
         },
         summary="Embed protein sequences (OpenAI-compatible).",
     )
@@ -126,9 +215,9 @@ def create_app(service: EmbeddingService) -> FastAPI:
             ]
         )
 
-    @app.get("/health/live", summary="The process is up.")
-    async def live() -> dict:
-        return {"status": "live"}
+    @app.get("/health/live", response_model=Liveness, summary="The process is up.")
+    async def live() -> Liveness:
+        return Liveness()
 
     @app.get(
         "/health/ready",
@@ -154,12 +243,37 @@ def create_app(service: EmbeddingService) -> FastAPI:
             payload["error"] = st.error
         return JSONResponse(payload, status_code=200 if all_ready else 503)
 
-    @app.get("/metrics", summary="Prometheus metrics.", response_class=Response)
+    @app.get(
+        "/metrics",
+        summary="Prometheus metrics.",
+        response_class=Response,
+        responses={
+            200: {
+                "description": "Prometheus text exposition format.",
+                "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}},
+            }
+        },
+    )
     async def metrics() -> Response:
         m.QUEUE_DEPTH.set(await service.dispatcher.queue_depth())
         m.WORKERS_LIVE.set((await service.dispatcher.status()).workers)  # both modes
         return Response(generate_latest(m.REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
-    app.add_middleware(Gate, api_keys=settings.keys(), max_body_bytes=settings.max_body_bytes)
+    keys = settings.keys()
+    app.add_middleware(
+        Gate,
+        api_keys=keys,
+        max_body_bytes=settings.max_body_bytes,
+        # Room for one value per sequence and per id (commas inside ids count too).
+        max_json_values=max(2**16, 4 * settings.max_sequences),
+    )
+    generate_openapi = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = _document_gate(generate_openapi(), keyed=bool(keys))
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     app.state.service = service
     return app

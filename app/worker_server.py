@@ -56,7 +56,7 @@ def serve_worker_http(
     state: WorkerState,
     last_turn: Callable[[], float],
     stall_s: float,
-    host: str = "0.0.0.0",
+    host: str = "0.0.0.0",  # Prometheus scrapes it from other containers  # nosec B104
 ) -> WSGIServer:
     """Start the endpoint in a daemon thread; returns the server (``shutdown()`` stops it)."""
     server = make_server(host, port, health_app(state, last_turn, stall_s), handler_class=_Quiet)

@@ -290,8 +290,9 @@ def test_dockerfile_image_layout():
     assert '--index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"' in runs
     stage = final_stage()
     assert ("COPY", "--from=builder /opt/venv /opt/venv") in stage
-    # Non-root, numeric user; one image for serve and worker.
-    user = next(a for k, a in stage if k == "USER")
+    # Non-root, numeric user (the last USER of the final stage is the one that runs); one image
+    # for serve and worker.
+    user = [a for k, a in stage if k == "USER"][-1]
     uid = args["RDSERVE_UID"] if user.startswith("${RDSERVE_UID}") else user.split(":")[0]
     assert uid.isdigit() and int(uid) > 0
     assert exec_form(next(a for k, a in stage if k == "ENTRYPOINT")) == ["rdserve"]
