@@ -383,7 +383,7 @@ class RedisDispatcher:
         """Queue again every in-flight job whose stream entry no longer exists."""
         now = time.time()
         for f in list(self._inflight.values()):
-            if f.reply.done() or f.job.deadline < now:
+            if f.reply.done() or f.job.deadline < now or not f.entry:  # "": being queued now
                 continue
             if not await self.r.xrange(self.stream, f.entry, f.entry):
                 f.entry = _text(await self.r.xadd(self.stream, {"d": job_to_wire(f.job)}))
@@ -444,19 +444,25 @@ class RedisDispatcher:
         if st.workers == 0:
             raise NoWorkerError(st.error or "no live worker serves this artifact")
         job.reply_to = self.reply_key
-        fut: asyncio.Future[JobResult] = asyncio.get_running_loop().create_future()
-        try:
-            # One round trip: the length check and the XADD happen atomically in Redis.
-            added, self._depth, entry = await self._enqueue(
-                keys=[self.stream], args=[self.max_queue, job_to_wire(job)]
-            )
-        except Exception as e:  # noqa: BLE001 — any Redis failure here means "not queued"
-            raise QueueUnavailableError(f"redis unavailable: {e}") from None
-        m.QUEUE_DEPTH.set(self._depth)
-        if not added:
-            raise QueueFullError()
-        flight = _InFlight(job, _text(entry), fut)
+        flight = _InFlight(job, "", asyncio.get_running_loop().create_future())
+        # Registered before the XADD: a worker may answer before the XADD's own reply reaches
+        # us, and the reader must then find the request (or it discards the answer).
         self._inflight[job.id] = flight
+        try:
+            try:
+                # One round trip: the length check and the XADD happen atomically in Redis.
+                added, self._depth, entry = await self._enqueue(
+                    keys=[self.stream], args=[self.max_queue, job_to_wire(job)]
+                )
+            except Exception as e:  # noqa: BLE001 — any Redis failure here means "not queued"
+                raise QueueUnavailableError(f"redis unavailable: {e}") from None
+            m.QUEUE_DEPTH.set(self._depth)
+            if not added:
+                raise QueueFullError()
+            flight.entry = _text(entry)
+        except BaseException:
+            self._inflight.pop(job.id, None)
+            raise
         try:
             return await self._wait(flight, timeout_s)
         except BaseException:

@@ -380,3 +380,46 @@ def test_redis_queue_is_bounded_atomically():
         asyncio.run(scenario())
     finally:
         clear_prefix(REDIS_URL, p)
+
+
+def test_a_reply_faster_than_the_enqueue_round_trip_is_delivered():
+    """A worker may answer before the XADD's own reply reaches the API: the request must be
+    registered by then (it used to be registered after, and such a reply was discarded as
+    'expired' while the client waited for a 504 — about 1 in 5,000 jobs under load)."""
+    import asyncio
+    import json as _json
+
+    import redis.asyncio as aioredis
+
+    from app.jobs import result_to_wire
+    from app.streams import RedisDispatcher, worker_key
+
+    p = f"rdserve-test-{uuid.uuid4().hex[:8]}"
+
+    async def scenario() -> JobResult:
+        r = aioredis.from_url(REDIS_URL)
+        beat = {"id": "w", "artifact": "sha", "running": True, "loaded": [True], "ready": [True]}
+        await r.set(worker_key(p, "w"), _json.dumps(beat), ex=30)
+        d = RedisDispatcher(r, p, "sha", 1, max_queue=10)
+        enqueue = d._enqueue
+
+        async def enqueue_then_answer_at_once(**kw):
+            out = await enqueue(**kw)
+            # The worker's answer lands and is read before the XADD's result is seen here.
+            await r.xadd(d.reply_key, {"d": result_to_wire(JobResult("j1", error="e"))})
+            await asyncio.sleep(1.5)
+            return out
+
+        d._enqueue = enqueue_then_answer_at_once
+        await d.start()
+        job = Job("j1", "sha", "mean", "truncate", [WorkItem("MKV", 0, 0)], time.time() + 60)
+        try:
+            return await d.submit(job, 3)
+        finally:
+            await d.stop()
+            await r.aclose()
+
+    try:
+        assert asyncio.run(scenario()).id == "j1"
+    finally:
+        clear_prefix(REDIS_URL, p)
