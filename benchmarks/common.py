@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))  # reuse the tests' process helpers (tests/procs.py)
 import procs  # noqa: E402, F401 — re-exported to the service and cold-start benchmarks
 
-SHARED = REPO.parent / "shared" / "data"
+# RDSERVE_SHARED_DATA: where ../shared/data is not beside the checkout (the lent GPU machine).
+SHARED = Path(os.environ.get("RDSERVE_SHARED_DATA") or REPO.parent / "shared" / "data")
 UNIREF = SHARED / "sequences" / "uniref90_sample_10k.fasta"
 ESM2_CONFIGS = SHARED / "esm2"
 CACHE = REPO / "benchmarks" / ".cache"
@@ -123,6 +124,16 @@ def process_cpu_s(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as fh:
         fields = fh.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_rss_mb(pid: int) -> float | None:
+    """Resident memory (VmRSS) of a process in MiB; None once it has exited."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            kb = next(int(ln.split()[1]) for ln in fh if ln.startswith("VmRSS:"))
+    except (OSError, StopIteration):  # gone, or a zombie (which has no VmRSS line)
+        return None
+    return kb / 1024
 
 
 def machine() -> dict[str, Any]:

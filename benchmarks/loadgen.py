@@ -20,12 +20,13 @@ from urllib.parse import urlsplit
 import orjson
 
 
-def encode_post(url: str, body: dict) -> bytes:
-    """A keep-alive POST request for ``url`` with a JSON body, as bytes."""
+def encode_post(url: str, body: dict, headers: dict[str, str] | None = None) -> bytes:
+    """A keep-alive POST request for ``url`` with a JSON body (and extra headers), as bytes."""
     u = urlsplit(url)
     data = orjson.dumps(body)
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
     head = (
-        f"POST {u.path} HTTP/1.1\r\nHost: {u.hostname}:{u.port}\r\n"
+        f"POST {u.path} HTTP/1.1\r\nHost: {u.hostname}:{u.port}\r\n{extra}"
         f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
     )
     return head.encode() + data
@@ -59,15 +60,30 @@ class Connection:
         return cls(*await asyncio.open_connection(u.hostname, u.port))
 
     async def send(self, request: bytes) -> int:
+        return (await self.exchange(request))[0]
+
+    async def exchange(self, request: bytes) -> tuple[int, bytes, bytes]:
+        """Send one request: (status, raw head, body) once the full response is read."""
         self.writer.write(request)
         head = await self.reader.readuntil(b"\r\n\r\n")
-        status = int(head[9:12])
-        length = 0
+        length, chunked = 0, False
         for line in head.split(b"\r\n"):
-            if line[:15].lower() == b"content-length:":
+            low = line.lower()
+            if low[:15] == b"content-length:":
                 length = int(line[15:])
-        await self.reader.readexactly(length)
-        return status
+            elif low[:18] == b"transfer-encoding:" and b"chunked" in low:
+                chunked = True  # responses streamed by raw ASGI sends carry no length
+        if chunked:
+            return int(head[9:12]), head, await self._chunks()
+        return int(head[9:12]), head, await self.reader.readexactly(length)
+
+    async def _chunks(self) -> bytes:
+        parts = []
+        while size := int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16):
+            parts.append(await self.reader.readexactly(size))
+            await self.reader.readexactly(2)  # the CRLF after each chunk
+        await self.reader.readuntil(b"\r\n")  # no trailers are sent: the final empty line
+        return b"".join(parts)
 
     def close(self) -> None:
         self.writer.close()

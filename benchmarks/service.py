@@ -28,10 +28,12 @@ from benchmarks.common import (
     uniref,
 )
 from benchmarks.extraction import artifact_for
+from models.artifact import Artifact
 from models.batching import DEFAULT_TOKEN_BUDGET
 from models.embedder import Embedder
 from models.extract import Pooling
 from models.families import build_chain
+from models.families.base import ModelFamily
 
 REDIS_URL = os.environ.get("RDSERVE_BENCH_REDIS", "redis://127.0.0.1:6379/0")
 
@@ -48,10 +50,24 @@ def chains(quick: bool) -> dict[str, tuple[list[str], int]]:
     return {"tiny": (tiny, 4), "8M-35M": ([str(random_esm2("8M")), str(random_esm2("35M"))], 1)}
 
 
+def served_artifact(refs: list[str]) -> tuple[ModelFamily, Artifact, Path]:
+    """A chain of model dirs and the artifact the service benchmark serves for it (cached)."""
+    family = build_chain("esm2", models=refs, device="cpu")
+    name = "svc-" + "-".join(lv.name for lv in family.levels)
+    return family, artifact_for(family, refs, name), CACHE / f"{name}.safetensors"
+
+
 class Server:
     """`rdserve serve` (+ one worker in distributed mode) on free ports, torn down on exit."""
 
-    def __init__(self, mode: str, artifact: Path, token_budget: int | None, logs: Path) -> None:
+    def __init__(
+        self,
+        mode: str,
+        artifact: Path,
+        token_budget: int | None,
+        logs: Path,
+        redis_url: str = REDIS_URL,
+    ) -> None:
         self.prefix = f"rdserve-bench-{uuid.uuid4().hex[:8]}"
         port = procs.free_port()
         env = {
@@ -63,7 +79,7 @@ class Server:
         }
         self.procs: list[procs.Proc] = []
         if mode == "distributed":
-            env |= {"RDSERVE_REDIS_URL": REDIS_URL, "RDSERVE_REDIS_PREFIX": self.prefix}
+            env |= {"RDSERVE_REDIS_URL": redis_url, "RDSERVE_REDIS_PREFIX": self.prefix}
             self.procs.append(
                 procs.rdserve(
                     "worker", "--metrics-port", "0", env=env, log=logs / f"{self.prefix}-worker.log"
@@ -74,11 +90,15 @@ class Server:
                 "serve", "--port", str(port), env=env, log=logs / f"{self.prefix}-api.log"
             )
         )
-        self.mode = mode
-        self.redis = redis.Redis.from_url(REDIS_URL)  # for INFO cpu (distributed mode)
+        self.mode, self.redis_url = mode, redis_url
+        self.redis = redis.Redis.from_url(redis_url)  # for INFO cpu (distributed mode)
         self.base = f"http://127.0.0.1:{port}"
         t0 = time.perf_counter()
-        procs.wait_http(f"{self.base}/health/ready", self.procs[-1], timeout=300)
+        try:
+            procs.wait_http(f"{self.base}/health/ready", self.procs[-1], timeout=300)
+        except BaseException:
+            self.close()  # no processes or keys left behind by a server that never got ready
+            raise
         self.ready_s = time.perf_counter() - t0
 
     def cpu_s(self) -> dict[str, float]:
@@ -95,7 +115,7 @@ class Server:
         for p in self.procs:
             p.stop()
         if self.mode == "distributed":
-            procs.clear_prefix(REDIS_URL, self.prefix)
+            procs.clear_prefix(self.redis_url, self.prefix)
 
 
 def closed_loop(base: str, bodies: list[dict], concurrency: int) -> tuple[float, list[float]]:
@@ -134,9 +154,7 @@ def run_chain(
     token_budget: int | None,
     logs: Path,
 ) -> dict[str, Any]:
-    family = build_chain("esm2", models=refs, device="cpu")
-    art = artifact_for(family, refs, "svc-" + "-".join(lv.name for lv in family.levels))
-    art_path = CACHE / ("svc-" + "-".join(lv.name for lv in family.levels) + ".safetensors")
+    family, art, art_path = served_artifact(refs)
     embedder = Embedder(family, art, token_budget=token_budget)
     k_max, k_low = art.max_dim, art.dims[0]
     pool = uniref(max_len=1022, seed=11)

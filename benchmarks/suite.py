@@ -16,6 +16,7 @@ SUITES = {
     "service": "benchmarks.service",
     "fit": "benchmarks.fit_memory",
     "coldstart": "benchmarks.coldstart",
+    "soak": "benchmarks.soak",
 }
 
 

@@ -1,0 +1,26 @@
+"""A short soak: API + worker + Redis as processes, mixed valid and invalid traffic from 16
+clients, every response checked against its request (benchmarks/soak.py).  Timings and memory
+growth are not asserted here: they are measured by `benchmarks/run soak`."""
+
+from __future__ import annotations
+
+import sys
+
+from procs import REPO
+
+sys.path.insert(0, str(REPO))  # benchmarks/ is not an installed package
+from benchmarks.soak import KINDS, soak
+
+
+def test_short_soak_answers_every_request_correctly(tiny_artifact, tmp_path):
+    res = soak(
+        tiny_artifact, clients=16, duration=12, pool_size=150, per_residue_pool=60, logs=tmp_path
+    )
+    assert res["crashed"] == {}, res["log_errors"]
+    totals = res["totals"]
+    assert (totals["5xx"], totals["lost"], totals["mismatched"]) == (0, 0, 0), res["failures"]
+    assert res["ready_after"] == 200
+    # 16 clients open with one request of each kind: every kind was sent and passed its checks.
+    assert len(KINDS) <= 16
+    assert {k: v["checked"] > 0 for k, v in res["kinds"].items()} == {k: True for k in KINDS}
+    assert totals["statuses"].keys() == {"200", "422"}
