@@ -139,7 +139,7 @@ class RedisJobSource:
         """Jobs pending at consumers whose heartbeat expired: their worker is gone."""
         msgs: list[tuple[bytes, dict]] = []
         for c in self.r.xinfo_consumers(self.stream, GROUP):
-            name = c["name"].decode() if isinstance(c["name"], bytes) else str(c["name"])
+            name = _text(c["name"])
             if name == self.consumer or self.r.exists(worker_key(self.prefix, name)):
                 continue
             if not c["pending"]:

@@ -110,3 +110,13 @@ def metric(client, name: str, **labels) -> float:
             if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
                 return s.value
     return 0.0
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A private redis-server on a free port (no persistence) that the test may stop and restart."""
+    from procs import RedisServer
+
+    server = RedisServer(tmp_path).start()
+    yield server
+    server.stop()

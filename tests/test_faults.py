@@ -145,13 +145,6 @@ def test_api_names_the_failed_item_and_caches_the_rest(make_app):
 # ---- distributed mode: real processes and a private Redis ------------------------------------
 
 
-@pytest.fixture
-def redis_server(tmp_path):
-    server = RedisServer(tmp_path).start()
-    yield server
-    server.stop()
-
-
 def cluster_env(redis_url: str, artifact, **extra: str) -> dict[str, str]:
     return {
         "RDSERVE_REDIS_URL": redis_url,

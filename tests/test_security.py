@@ -8,8 +8,6 @@ import hashlib
 import hmac
 import random
 import secrets
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -238,39 +236,11 @@ def test_sequences_are_logged_only_when_opted_in(logged_api):
 # ---- Redis keys under the configured prefix ---------------------------------------------------
 
 
-@pytest.fixture
-def private_redis(tmp_path) -> Iterator[str]:
-    """A redis-server of this test's own (no persistence): every key in it is ours to check."""
-    port = free_port()
-    argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
-    argv += ["--appendonly", "no", "--daemonize", "no", "--dir", str(tmp_path)]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        import redis
-
-        client = redis.Redis.from_url(url)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                assert time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.05)
-        client.close()
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
-def test_every_redis_key_is_under_the_configured_prefix(private_redis, tiny_artifact, tmp_path):
-    import redis
-
+def test_every_redis_key_is_under_the_configured_prefix(redis_server, tiny_artifact, tmp_path):
+    """A redis-server of this test's own: every key in it is ours to check."""
     prefix = "some-custom-prefix"
     env = {
-        "RDSERVE_REDIS_URL": private_redis,
+        "RDSERVE_REDIS_URL": redis_server.url,
         "RDSERVE_REDIS_PREFIX": prefix,
         "RDSERVE_ARTIFACT": str(tiny_artifact),
         "RDSERVE_DEVICE": "cpu",
@@ -287,7 +257,7 @@ def test_every_redis_key_is_under_the_configured_prefix(private_redis, tiny_arti
             body = {"input": [random_protein(rng, 20, 40) for _ in range(3)], "pooling": pooling}
             r = httpx.post(f"{base}/v1/embeddings", json=body, timeout=60)
             assert r.status_code == 200, r.text
-        keys = sorted(k.decode() for k in redis.Redis.from_url(private_redis).keys("*"))
+        keys = sorted(k.decode() for k in redis_server.client().keys("*"))
     finally:
         worker.stop()
         api.stop()
