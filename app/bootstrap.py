@@ -1,18 +1,19 @@
-"""Turning settings into a running service: artifact (fitted on first start), chain, wiring."""
+"""Turning settings into running parts: the artifact (fitted on first start), the embedder, the
+worker and the service in either mode.  The one place that reads Settings to wire objects."""
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from app.cache import MemoryCache, RedisCache
-from app.dispatch import EmbeddedDispatcher, LocalQueue
-from app.service import EmbeddingService
+from app.core.cache import MemoryCache, RedisCache
+from app.core.dispatch import EmbeddedDispatcher, LocalQueue
+from app.core.service import EmbeddingService
+from app.core.worker import TaskSource, Worker
 from app.settings import Settings
-from app.streams import RedisDispatcher
-from app.worker import JobSource, Worker
 from models.artifact import Artifact, load_artifact, save_artifact
 from models.sequences import clean_sequences, packaged_sample, read_fasta
 
@@ -22,13 +23,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PACKAGED_SAMPLE = packaged_sample().name
+#: How often a fit on first start logs its progress.
+FIT_LOG_EVERY_S = 10.0
 
 
 def default_artifact_path(settings: Settings) -> Path:
     """<data_dir>/artifacts/<family>-<level names>.safetensors for the configured chain."""
     from models.families import family_class
 
-    levels = family_class(settings.family).resolve_levels(settings.model_list, settings.revision)
+    levels = family_class(settings.family).resolve_levels(settings.default_chain, settings.revision)
     name = "-".join([settings.family, *(lv.name for lv in levels)])
     return settings.data_dir / "artifacts" / f"{name}.safetensors"
 
@@ -36,6 +39,29 @@ def default_artifact_path(settings: Settings) -> Path:
 def packaged_sequences(n: int) -> list[str]:
     """The first n of the 1,000 UniRef90 sequences shipped in the package (models/data)."""
     return clean_sequences(s for _, s in read_fasta(packaged_sample(), n))
+
+
+def _fit_progress(total: int) -> Callable[[int, int], None]:
+    """A fit progress callback that logs sequences and residues done every FIT_LOG_EVERY_S."""
+    done = {"seqs": 0, "res": 0, "last": time.monotonic(), "t0": time.monotonic()}
+
+    def tick(n_seqs: int, n_res: int) -> None:
+        done["seqs"] += n_seqs
+        done["res"] += n_res
+        now = time.monotonic()
+        if now - done["last"] >= FIT_LOG_EVERY_S or done["seqs"] == total:
+            done["last"] = now
+            log.info(
+                "fitting",
+                extra={
+                    "sequences_done": done["seqs"],
+                    "sequences": total,
+                    "residues_done": done["res"],
+                    "elapsed_s": round(now - done["t0"], 1),
+                },
+            )
+
+    return tick
 
 
 def ensure_artifact(settings: Settings) -> Path:
@@ -47,75 +73,69 @@ def ensure_artifact(settings: Settings) -> Path:
     path = default_artifact_path(settings)
     if path.exists():
         return path
-    from models.cli import run_fit  # the CLI's progress-bar fit
+    from models.fit import fit_models
 
     log.info("no artifact for the default chain; fitting it now", extra={"artifact": str(path)})
     seqs = packaged_sequences(settings.fit_sequences)
-    art = run_fit(
+    art = fit_models(
         settings.family,
-        settings.model_list,
+        settings.default_chain,
         seqs,
         revision=settings.revision,
         device=settings.device,
         dtype=settings.dtype,
         token_budget=settings.token_budget,
+        progress=_fit_progress(len(seqs)),
         source=PACKAGED_SAMPLE,
+        cache_dir=settings.cache_dir,
     )
     save_artifact(art, path)
     return path
 
 
-def build_embedder(
-    settings: Settings, artifact: Artifact, models: list[str] | None = None
-) -> Embedder:
-    """The artifact's chain (or an override, e.g. local dirs on this machine) on the device."""
+def load_served_artifact(settings: Settings) -> Artifact:
+    return load_artifact(ensure_artifact(settings))
+
+
+def make_embedder(settings: Settings, artifact: Artifact) -> Embedder:
+    """The artifact's chain as the settings say (device, dtype, batching, model locations)."""
     # torch and the model code load here, not at import: a distributed API never needs them.
     from models.embedder import Embedder
-    from models.families import build_chain
 
-    if models:
-        family = build_chain(
-            artifact.family,
-            models=models,
-            revision=settings.revision,
-            device=settings.device,
-            dtype=settings.dtype,
-            cache_dir=settings.cache_dir,
-        )
-    else:
-        family = build_chain(
-            artifact.family,
-            levels=list(artifact.levels),
-            device=settings.device,
-            dtype=settings.dtype,
-            cache_dir=settings.cache_dir,
-        )
-    return Embedder(family, artifact, settings.token_budget, settings.chunk_overlap)
+    return Embedder.from_artifact(
+        artifact,
+        models=settings.model_list,
+        revision=settings.revision,
+        device=settings.device,
+        dtype=settings.dtype,
+        token_budget=settings.token_budget,
+        chunk_overlap=settings.chunk_overlap,
+        cache_dir=settings.cache_dir,
+    )
 
 
-def build_worker(embedder: Embedder, source: JobSource, settings: Settings, name: str) -> Worker:
-    """The worker loop over a job source, batching as the settings say."""
-    budget = embedder.extractor.token_budget  # the resolved (device-dependent) budget
-    return Worker(embedder, source, name, budget, settings.batch_wait_ms / 1000)
+def make_worker(embedder: Embedder, source: TaskSource, settings: Settings, name: str) -> Worker:
+    """The worker loop over a task source, batching as the settings say."""
+    return Worker(embedder, source, name, settings.batch_wait_ms / 1000)
 
 
 def embedded_service(
     settings: Settings,
     artifact: Artifact,
-    models: list[str] | None = None,
     on_fatal: Callable[[Exception], None] | None = None,
 ) -> EmbeddingService:
     """One process: worker thread + in-memory LRU."""
-    embedder = build_embedder(settings, artifact, models)
     source = LocalQueue()
-    worker = build_worker(embedder, source, settings, "embedded")
+    worker = make_worker(make_embedder(settings, artifact), source, settings, "embedded")
     dispatcher = EmbeddedDispatcher(worker, source, settings.max_queue, settings.warmup, on_fatal)
     return EmbeddingService(artifact, MemoryCache(settings.cache_max_bytes), dispatcher, settings)
 
 
 def distributed_service(settings: Settings, artifact: Artifact) -> EmbeddingService:
-    """API only: jobs over Redis Streams to `rdserve worker` processes; cache in Redis."""
+    """API only: tasks over Redis Streams to `rdserve worker` processes; cache in Redis."""
     import redis.asyncio as aioredis
+
+    from app.transport.dispatcher import RedisDispatcher
 
     assert settings.redis_url
     # Blocking pools: past max_connections concurrent requests a request waits for a free
@@ -156,7 +176,3 @@ def distributed_service(settings: Settings, artifact: Artifact) -> EmbeddingServ
         settings.cache_ttl_s,
     )
     return EmbeddingService(artifact, cache, dispatcher, settings)
-
-
-def load_served_artifact(settings: Settings) -> Artifact:
-    return load_artifact(ensure_artifact(settings))

@@ -42,6 +42,11 @@ def configure(level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    for name in ("app", "models"):  # the CLI's plain-text handlers (app.cli.ui.human_logs)
+        lg = logging.getLogger(name)
+        lg.handlers[:] = []
+        lg.setLevel(logging.NOTSET)
+        lg.propagate = True
     for name in ("uvicorn", "uvicorn.error"):
         lg = logging.getLogger(name)
         lg.handlers[:] = []

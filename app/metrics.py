@@ -1,4 +1,9 @@
-"""Prometheus metrics (prefix ``rdserve_``, base units). One registry per process."""
+"""Prometheus metrics (prefix ``rdserve_``, base units). One registry per process.
+
+Shared by every room (the HTTP gate, the service, the worker loop and the Redis transport all
+count here), so it sits beside the settings rather than inside one room; ``/metrics`` itself is
+an HTTP route (``app.http.routes.metrics``).
+"""
 
 from __future__ import annotations
 
@@ -112,15 +117,15 @@ ITEM_FAILURES = Counter(
     ["reason"],
     registry=REGISTRY,
 )
-JOBS_RECLAIMED = Counter(
-    "rdserve_jobs_reclaimed",
-    "Jobs this worker took over from another: dead (heartbeat gone) or idle (claim_idle_s).",
+TASKS_RECLAIMED = Counter(
+    "rdserve_tasks_reclaimed",
+    "Tasks this worker took over from another: dead (heartbeat gone) or idle (claim_idle_s).",
     ["reason"],
     registry=REGISTRY,
 )
-JOBS_RESUBMITTED = Counter(
-    "rdserve_jobs_resubmitted",
-    "Jobs the API queued again because Redis lost them (restart without persistence).",
+TASKS_RESUBMITTED = Counter(
+    "rdserve_tasks_resubmitted",
+    "Tasks the API queued again because Redis lost them (restart without persistence).",
     registry=REGISTRY,
 )
 REPLIES_DISCARDED = Counter(

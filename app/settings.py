@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from models.specs import family_spec
+
 
 def _xdg_data() -> Path:
     return Path.home() / ".local" / "share" / "rdserve"
@@ -21,9 +23,12 @@ class Settings(BaseSettings):
 
     # Models and artifact
     family: str = Field("esm2", description="Model family of the default chain (esm2, unirep).")
-    models: str = Field(
-        "8M,35M,150M",
-        description="Default chain, smallest first: shorthands, hub ids or local directories.",
+    models: str | None = Field(
+        None,
+        description="The chain's models, smallest first (shorthands, hub ids or local "
+        "directories). With an artifact: where its levels load from (same family and dims). "
+        "Without: the chain whose default artifact is served. Default: the family's chain "
+        "(esm2 8M,35M,150M; unirep 64,256,1900).",
     )
     revision: str | None = Field(None, description="Hub revision pinned for every model.")
     artifact: Path | None = Field(
@@ -116,15 +121,23 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
-        if not self.model_list:
+        family_spec(self.family)  # an unknown family fails at start-up, listing the known ones
+        if self.models is not None and not self.model_list:
             raise ValueError("models must name at least one model")
         self.keys()  # a configured but empty or unreadable key list is an error at start-up
         return self
 
     @property
-    def model_list(self) -> list[str]:
-        """The default chain as a list."""
+    def model_list(self) -> list[str] | None:
+        """The configured chain as a list (None: not configured)."""
+        if self.models is None:
+            return None
         return [m.strip() for m in self.models.split(",") if m.strip()]
+
+    @property
+    def default_chain(self) -> list[str]:
+        """The chain to serve when no artifact is given: the configured one or the family's."""
+        return self.model_list or list(family_spec(self.family).default_models)
 
     def keys(self) -> list[str]:
         """Configured API keys (env and file); empty means authentication is off.

@@ -8,15 +8,14 @@ import platform
 import random
 import statistics
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tests import procs  # noqa: F401 — the tests' process helpers, for the service benchmarks
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # reuse the tests' process helpers (tests/procs.py)
-import procs  # noqa: E402, F401 — re-exported to the service and cold-start benchmarks
 
 # RDSERVE_SHARED_DATA: where ../shared/data is not beside the checkout (the lent GPU machine).
 SHARED = Path(os.environ.get("RDSERVE_SHARED_DATA") or REPO.parent / "shared" / "data")

@@ -35,8 +35,8 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a plain script
 
-from app.encoding import NPY
-from app.streams import GROUP, jobs_key
+from app.http.encoding import NPY
+from app.transport.keys import GROUP, tasks_key
 from benchmarks import loadgen
 from benchmarks.common import (
     CACHE,
@@ -98,12 +98,12 @@ def build_pool(artifact: Path, size: int, per_residue: int, seed: int) -> Pool:
     """
     import torch
 
-    from app.bootstrap import build_embedder
+    from app.bootstrap import make_embedder
     from app.settings import Settings
 
     seqs = [s for s in uniref(seed=seed) if MIN_LEN <= len(s) <= MAX_LEN][:size]
     art = load_artifact(artifact)
-    embedder = build_embedder(Settings(artifact=artifact, device="cpu"), art)
+    embedder = make_embedder(Settings(artifact=artifact, device="cpu"), art)
     refs = {}
     # One thread: beside any other busy process, two OpenMP threads on two cores wait at every
     # barrier (1,000 sequences took 68 s with two, 12 s with one, on this shared machine).
@@ -620,7 +620,7 @@ API_COUNTERS = (
     "rdserve_errors",
     "rdserve_cache_errors",
     "rdserve_replies_discarded",
-    "rdserve_jobs_resubmitted",
+    "rdserve_tasks_resubmitted",
 )
 
 
@@ -713,7 +713,7 @@ def soak(
         if api.alive():
             info["ready_after"] = httpx.get(f"{srv.base}/health/ready", timeout=10).status_code
             info["api_counters"] = api_counters(srv.base)
-        jobs = jobs_key(srv.prefix)
+        jobs = tasks_key(srv.prefix)
         info["job_stream_after"] = {
             "length": srv.redis.xlen(jobs),
             "pending": srv.redis.xpending(jobs, GROUP)["pending"],

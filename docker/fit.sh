@@ -11,7 +11,9 @@ set -eu
 if [ -z "${RDSERVE_REVISION:-}" ]; then unset RDSERVE_REVISION; fi
 
 family="${RDSERVE_FAMILY:-esm2}"
-models="${RDSERVE_MODELS:-8M,35M,150M}"
+if [ -z "${RDSERVE_MODELS:-}" ]; then unset RDSERVE_MODELS; fi
+models="${RDSERVE_MODELS:-$(python -c 'from app.settings import Settings
+print(",".join(Settings().default_chain))')}"
 artifact="${RDSERVE_ARTIFACT:-}"
 if [ -z "$artifact" ]; then
     artifact="$(python -c 'from app.bootstrap import default_artifact_path

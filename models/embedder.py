@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,6 +19,9 @@ from models.sequences import Handling, LongSequencePolicy
 __all__ = ["Embedder", "EmbeddingError", "ItemBlocks", "ItemFailure"]
 
 log = logging.getLogger(__name__)
+
+#: What warm() runs through each level (any short valid sequence).
+WARMUP_SEQUENCE = "MKTAYIAKQRQISFVKSHFSRQ"
 
 
 class EmbeddingError(RuntimeError):
@@ -51,6 +55,62 @@ class Embedder:
         self.artifact = artifact
         self.extractor = Extractor(family, token_budget, chunk_overlap)
         self.projector = Projector(artifact, family.device)
+
+    @classmethod
+    def from_artifact(
+        cls,
+        artifact: Artifact | str | Path,
+        *,
+        models: Sequence[str] | None = None,
+        revision: str | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+        token_budget: int | None = None,
+        chunk_overlap: int = 256,
+        cache_dir: str | Path | None = None,
+    ) -> Embedder:
+        """The artifact's chain on ``device``, ready to embed (weights load lazily per level).
+
+        ``models`` names where to load the chain from instead of the model ids the artifact
+        records (e.g. local directories of the same models); it must match the artifact's family
+        and dims, and differing ids are logged as warnings.
+        """
+        from models.artifact import load_artifact
+        from models.families import build_chain
+
+        art = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
+        if models:
+            family = build_chain(
+                art.family,
+                models=list(models),
+                revision=revision,
+                device=device,
+                dtype=dtype,
+                cache_dir=cache_dir,
+            )
+        else:
+            family = build_chain(
+                art.family, levels=list(art.levels), device=device, dtype=dtype, cache_dir=cache_dir
+            )
+        return cls(family, art, token_budget, chunk_overlap)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the models and projections run."""
+        return self.family.device
+
+    @property
+    def token_budget(self) -> int:
+        """Tokens per model batch, padding included (resolved for the device)."""
+        return self.extractor.token_budget
+
+    def warm(self, level: int, run_batch: bool = True) -> None:
+        """Load one level's weights and (optionally) run a tiny batch through it, so that the
+        first request does not pay for lazy initialisation."""
+        self.family.load(level)
+        if run_batch:
+            plans, _ = self.extractor.plan([WARMUP_SEQUENCE] * 2)
+            self.extractor.run(plans[0], [level], Pooling.mean)
 
     def compute(
         self,

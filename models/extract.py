@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -176,18 +176,6 @@ class Extractor:
                     )
                 )
         return BatchOutput(plan.items, plan.lengths, out)
-
-    def iter_runs(
-        self,
-        seqs: Sequence[str],
-        levels: Sequence[int],
-        pooling: Pooling,
-        policy: LongSequencePolicy = LongSequencePolicy.error,
-    ) -> Iterator[BatchOutput]:
-        """Plan and run every batch in turn (outputs in batch order; rows name their items)."""
-        plans, _ = self.plan(seqs, policy)
-        for p in plans:
-            yield self.run(p, levels, pooling)
 
     @staticmethod
     def _pool(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
@@ -13,6 +15,8 @@ from models.families.base import ModelFamily
 from models.moments import Moments
 from models.rd import Regressor, fit_chain
 from models.sequences import LongSequencePolicy, sequences_digest
+
+log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]  # (sequences done in this batch, residues in this batch)
 
@@ -60,11 +64,44 @@ def fit_artifact(
     """Fit every step of ``family``'s chain on ``seqs`` (validated sequences)."""
     if len(family.levels) < 2:
         raise ValueError("fitting needs a chain of at least two models")
+    names = " → ".join(f"{lv.name} ({lv.dim})" for lv in family.levels)
+    log.info(f"fitting {family.name}: {names} on {len(seqs):,} sequences, regressor {regressor}")
     extractor = Extractor(family, token_budget)
     moments = accumulate_moments(extractor, seqs, policy, progress)
     return solve_artifact(
         family, moments, seqs, regressor, alpha, policy, extractor.token_budget, source
     )
+
+
+def fit_models(
+    family_name: str,
+    refs: Sequence[str],
+    seqs: Sequence[str],
+    *,
+    regressor: Regressor = Regressor.pcr,
+    alpha: float = 1.0,
+    revision: str | None = None,
+    device: str | None = "auto",
+    dtype: str | None = "auto",
+    token_budget: int | None = None,
+    policy: LongSequencePolicy = LongSequencePolicy.truncate,
+    progress: Progress | None = None,
+    source: str | None = None,
+    cache_dir: str | Path | None = None,
+) -> Artifact:
+    """Fit the chain named by model references (shorthands, hub ids, local dirs) on ``seqs``:
+    what `rdserve fit` and a service's first start both run."""
+    from models.families import build_chain
+
+    family = build_chain(
+        family_name,
+        models=list(refs),
+        revision=revision,
+        device=device,
+        dtype=dtype,
+        cache_dir=cache_dir,
+    )
+    return fit_artifact(family, seqs, regressor, alpha, token_budget, policy, progress, source)
 
 
 def solve_artifact(

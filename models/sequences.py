@@ -151,6 +151,25 @@ def window_starts(length: int, window: int, overlap: int) -> list[int]:
     return starts
 
 
+def handling_for(
+    index: int, length: int, max_residues: int | None, policy: LongSequencePolicy
+) -> Handling:
+    """How sequence ``index`` of ``length`` residues is fed to a model whose context is
+    ``max_residues`` (None: unlimited) under ``policy`` — the one place this is decided.
+
+    Raises SequenceError under ``error`` when the sequence does not fit.
+    """
+    if max_residues is None or length <= max_residues:
+        return Handling.full
+    if policy == LongSequencePolicy.error:
+        raise SequenceError(
+            index,
+            f"length {length} exceeds the model context of {max_residues} residues "
+            "(use long_sequence_policy 'truncate' or 'chunk')",
+        )
+    return Handling.truncated if policy == LongSequencePolicy.truncate else Handling.chunked
+
+
 def plan_segments(
     seqs: Sequence[str],
     max_residues: int | None,
@@ -161,20 +180,15 @@ def plan_segments(
     segments: list[Segment] = []
     handling: list[Handling] = []
     for i, s in enumerate(seqs):
-        if max_residues is None or len(s) <= max_residues:
+        how = handling_for(i, len(s), max_residues, policy)
+        handling.append(how)
+        if how == Handling.full:
             segments.append(Segment(i, 0, s))
-            handling.append(Handling.full)
-        elif policy == LongSequencePolicy.error:
-            raise SequenceError(
-                i,
-                f"length {len(s)} exceeds the model context of {max_residues} residues "
-                "(use long_sequence_policy 'truncate' or 'chunk')",
-            )
-        elif policy == LongSequencePolicy.truncate:
+        elif how == Handling.truncated:
+            assert max_residues is not None
             segments.append(Segment(i, 0, s[:max_residues]))
-            handling.append(Handling.truncated)
         else:
+            assert max_residues is not None
             for start in window_starts(len(s), max_residues, overlap):
                 segments.append(Segment(i, start, s[start : start + max_residues]))
-            handling.append(Handling.chunked)
     return segments, handling

@@ -23,13 +23,26 @@ class FamilySpec:
     max_residues: int | None  # context limit in residues; None = unlimited
     special_tokens: int  # tokens added per sequence (counted in batch budgets)
     has_bos: bool  # whether a start-token representation exists ('bos' pooling)
+    default_models: tuple[str, ...]  # the chain served when none is named, smallest first
 
 
 FAMILY_SPECS: dict[str, FamilySpec] = {
     # 1024-token context minus <cls> and <eos>.
-    "esm2": FamilySpec("esm2", max_residues=1022, special_tokens=2, has_bos=True),
+    "esm2": FamilySpec(
+        "esm2",
+        max_residues=1022,
+        special_tokens=2,
+        has_bos=True,
+        default_models=("8M", "35M", "150M"),
+    ),
     # Recurrent: no context limit; one start token, whose state is not a representation.
-    "unirep": FamilySpec("unirep", max_residues=None, special_tokens=1, has_bos=False),
+    "unirep": FamilySpec(
+        "unirep",
+        max_residues=None,
+        special_tokens=1,
+        has_bos=False,
+        default_models=("64", "256", "1900"),
+    ),
 }
 
 

@@ -9,7 +9,8 @@ import time
 
 import numpy as np
 import pytest
-from conftest import metric, wait_ready
+
+from tests.helpers import metric, wait_ready
 
 SEQS = ["MKTAYIAKQRQISFVKSHFSRQ", "GSHMLEDPVDAFQ", "MVLSPADKTNVKAAWGKVGAHAGEYGAEAL"]
 
@@ -414,7 +415,7 @@ def test_readiness_grows_level_by_level(make_app):
 
 
 def test_sequences_are_logged_only_when_enabled(make_app, caplog):
-    caplog.set_level("DEBUG", logger="app.service")
+    caplog.set_level("DEBUG", logger="app.core.service")
     for enabled in (False, True):
         caplog.clear()
         c, _ = make_app(log_sequences=enabled)

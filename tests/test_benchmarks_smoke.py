@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from procs import REPO
+from tests.procs import REPO
 
 
 def run_script(*args: str) -> None:

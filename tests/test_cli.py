@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from app.cli import cli
 from models.artifact import load_artifact
-from models.cli import cli
 
 RDSERVE = [sys.executable, "-m", "app"]
 
@@ -168,7 +168,7 @@ def test_cli_errors_are_one_clear_line(cli_artifact, tmp_path):
 
 
 def test_import_reference_cli(tmp_path):
-    from test_reference import write_scaler
+    from tests.helpers import write_scaler
 
     rng = np.random.default_rng(0)
     write_scaler(tmp_path, 320, 480, "8M", "35M", "pcr", rng)

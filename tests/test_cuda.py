@@ -15,13 +15,13 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED, UNIREF
 
 from models.blocks import ItemFailure
 from models.embedder import Embedder
 from models.families import build_chain
 from models.fit import fit_artifact
 from models.sequences import clean_sequences, read_fasta
+from tests.helpers import SHARED, UNIREF
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

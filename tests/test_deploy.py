@@ -21,12 +21,12 @@ import jsonschema
 import pytest
 import redis
 import yaml
-from conftest import wait_ready
-from procs import Proc, clear_prefix, free_port, rdserve, wait_http
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.config_doc import README, env_name, readme_block, settings_table
 from app.settings import Settings
+from tests.helpers import wait_ready
+from tests.procs import Proc, clear_prefix, free_port, rdserve, wait_http
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO.parent / "shared" / "schemas" / "compose-spec.json"
@@ -602,11 +602,11 @@ def run_fit_script(compose: dict, tmp: Path, **extra: str) -> tuple[str, list[st
 def test_fit_script_fits_imports_or_skips(compose, tiny_esm_dirs, tmp_path):
     """Each branch of docker/fit.sh; the rdserve commands it builds then run for real."""
     import numpy as np
-    from test_reference import write_scaler
     from typer.testing import CliRunner
 
     from app.cli import cli
     from models.artifact import load_artifact
+    from tests.helpers import write_scaler
 
     models = ",".join(str(p) for p in tiny_esm_dirs)
     names, dims = [p.name for p in tiny_esm_dirs], [32, 48, 64]

@@ -10,56 +10,40 @@ import httpx
 import numpy as np
 import pytest
 import redis
-from conftest import metric, wait_ready
-from procs import clear_prefix, free_port, rdserve, wait_http
 
-from app.jobs import Job, JobResult, WorkItem, job_to_wire
-from app.streams import GROUP, RedisJobSource, jobs_key
+from app.core.tasks import Task, TaskResult, WorkItem
+from app.transport.consumer import RedisTaskSource
+from app.transport.keys import GROUP, tasks_key
+from app.transport.wire import task_to_wire
+from models.sequences import LongSequencePolicy, Pooling
+from tests.harness import Cluster, cluster_env
+from tests.helpers import make_task, metric, wait_ready
+from tests.procs import RedisServer, clear_prefix, free_port, rdserve, wait_http
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
+PREFIX = "rdserve-dist"
 SEQS = ["MKTAYIAKQRQISFVKSHFSRQ", "GSHMLEDPVDAFQ", "MVLSPADKTNVKAAWGKVGAHAGEYGAEAL", "MKV"]
 
 
 @pytest.fixture(scope="module")
-def prefix():
-    p = f"rdserve-test-{uuid.uuid4().hex[:8]}"
-    yield p
-    clear_prefix(REDIS_URL, p)
+def private_redis(tmp_path_factory):
+    """This module's own redis-server on a free port (never the machine's shared one)."""
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_artifact, prefix, tmp_path_factory):
-    """An API process and one worker process sharing Redis under a test-only key prefix."""
-    logs = tmp_path_factory.mktemp("logs")
-    env = {
-        "RDSERVE_REDIS_URL": REDIS_URL,
-        "RDSERVE_REDIS_PREFIX": prefix,
-        "RDSERVE_ARTIFACT": str(tiny_artifact),
-        "RDSERVE_DEVICE": "cpu",
-    }
-    api_port, wport = free_port(), free_port()
-    api = rdserve("serve", "--port", str(api_port), env=env, log=logs / "api.log")
-    worker = rdserve(
-        "worker",
-        "--worker-id",
-        "w1",
-        env={**env, "RDSERVE_METRICS_PORT": str(wport)},
-        log=logs / "w1.log",
+def cluster(tiny_artifact, private_redis, tmp_path_factory):
+    """An API process and one worker process (metrics on) over the private Redis."""
+    c = Cluster(
+        cluster_env(private_redis.url, tiny_artifact, PREFIX), tmp_path_factory.mktemp("logs")
     )
-    base = f"http://127.0.0.1:{api_port}"
+    c.worker("w1", metrics=True)
     try:
-        wait_http(f"{base}/health/ready", api)
-        yield {
-            "base": base,
-            "api": api,
-            "worker": worker,
-            "env": env,
-            "logs": logs,
-            "worker_metrics": f"http://127.0.0.1:{wport}/metrics",
-        }
+        c.wait_workers(1)
+        yield c
     finally:
-        worker.stop()
-        api.stop()
+        c.close()
 
 
 def post(base, **body):
@@ -83,7 +67,7 @@ def test_results_equal_embedded_mode(cluster, make_app):
         for pooling, k in (("mean", 64), ("per_residue", 48), ("bos", 20)):
             body = {"input": SEQS, "dimensions": k, "pooling": pooling}
             emb = c.post("/v1/embeddings", json=body).json()
-            dist = post(cluster["base"], **body)
+            dist = post(cluster.base, **body)
             assert dist["artifact_sha256"] == emb["artifact_sha256"]
             for a, b in zip(emb["data"], dist["data"], strict=True):
                 np.testing.assert_allclose(
@@ -91,38 +75,38 @@ def test_results_equal_embedded_mode(cluster, make_app):
                 )
 
 
-def test_shared_nested_cache_in_redis(cluster, prefix):
+def test_shared_nested_cache_in_redis(cluster, private_redis):
     seqs = ["MKWVTFISLLFLFSSAYS", "MDSKGSSQKGSRLLLLLVVSNLLLCQGVVS"]
-    w = cluster["worker_metrics"]
+    w = f"{cluster.metrics['w1']}/metrics"
     before = [worker_forwards(w, lv) for lv in ("tiny32", "tiny48", "tiny64")]
-    low = post(cluster["base"], input=seqs, dimensions=16)
+    low = post(cluster.base, input=seqs, dimensions=16)
     assert [d["cache"] for d in low["data"]] == ["miss", "miss"]
-    high = post(cluster["base"], input=seqs, dimensions=64)
+    high = post(cluster.base, input=seqs, dimensions=64)
     assert [d["cache"] for d in high["data"]] == ["partial", "partial"]
     after = [worker_forwards(w, lv) for lv in ("tiny32", "tiny48", "tiny64")]
     assert [b - a for a, b in zip(before, after, strict=True)] == [1, 1, 1]
-    again = post(cluster["base"], input=seqs, dimensions=50)
+    again = post(cluster.base, input=seqs, dimensions=50)
     assert [d["cache"] for d in again["data"]] == ["full_hit", "full_hit"]
     assert [worker_forwards(w, lv) for lv in ("tiny32", "tiny48", "tiny64")] == after
-    r = redis.Redis.from_url(REDIS_URL)
-    keys = list(r.scan_iter(match=f"{prefix}:emb:*"))
+    r = private_redis.client()
+    keys = list(r.scan_iter(match=f"{PREFIX}:emb:*"))
     assert len(keys) >= 2 and r.ttl(keys[0]) > 0
     assert set(r.hkeys(keys[0])) >= {b"m", b"0"}
 
 
 def test_binary_output_and_metrics_over_real_http(cluster):
     r = httpx.post(
-        f"{cluster['base']}/v1/embeddings",
+        f"{cluster.base}/v1/embeddings",
         json={"input": SEQS, "dimensions": 33},
         headers={"accept": "application/x-npy"},
         timeout=60,
     )
     arr = np.load(io.BytesIO(r.content))
-    js = post(cluster["base"], input=SEQS, dimensions=33)
+    js = post(cluster.base, input=SEQS, dimensions=33)
     np.testing.assert_array_equal(arr, np.array([d["embedding"] for d in js["data"]], np.float32))
-    text = httpx.get(f"{cluster['base']}/metrics").text
+    text = httpx.get(f"{cluster.base}/metrics").text
     assert "rdserve_workers_live 1.0" in text
-    ready = httpx.get(f"{cluster['base']}/health/ready").json()
+    ready = httpx.get(f"{cluster.base}/health/ready").json()
     assert ready["mode"] == "distributed" and ready["workers"] == 1
 
 
@@ -133,27 +117,27 @@ def test_second_worker_scales_out_and_survives_a_crash(cluster, tmp_path):
         "w2",
         "--metrics-port",
         "0",
-        env=cluster["env"],
+        env=cluster.env,
         log=tmp_path / "w2.log",
     )
     try:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
-            if httpx.get(f"{cluster['base']}/health/ready").json()["workers"] == 2:
+            if httpx.get(f"{cluster.base}/health/ready").json()["workers"] == 2:
                 break
             time.sleep(0.3)
         else:
             raise AssertionError(w2.output()[-3000:])
         rng = np.random.default_rng(0)
         seqs = ["".join(rng.choice(list("ACDEFGHIKLMNPQRSTVWY"), 40)) for _ in range(30)]
-        served = {post(cluster["base"], input=[s], dimensions=64)["data"][0]["cache"] for s in seqs}
+        served = {post(cluster.base, input=[s], dimensions=64)["data"][0]["cache"] for s in seqs}
         assert served == {"miss"}
         w2.stop()  # SIGTERM: the worker deregisters its heartbeat and exits cleanly
         deadline = time.monotonic() + 10
-        while httpx.get(f"{cluster['base']}/health/ready").json()["workers"] != 1:
+        while httpx.get(f"{cluster.base}/health/ready").json()["workers"] != 1:
             assert time.monotonic() < deadline
             time.sleep(0.3)
-        assert post(cluster["base"], input=["MKVLAAGG"], dimensions=8)["data"][0]["residues"] == 8
+        assert post(cluster.base, input=["MKVLAAGG"], dimensions=8)["data"][0]["residues"] == 8
     finally:
         w2.stop()
     assert "worker w2 serving" in w2.output()
@@ -165,7 +149,7 @@ def test_more_concurrent_requests_than_redis_connections(cluster, tmp_path):
     import asyncio
 
     port = free_port()
-    env = {**cluster["env"], "RDSERVE_REDIS_MAX_CONNECTIONS": "4"}
+    env = {**cluster.env, "RDSERVE_REDIS_MAX_CONNECTIONS": "4"}
     api = rdserve("serve", "--port", str(port), env=env, log=tmp_path / "api.log")
     base = f"http://127.0.0.1:{port}"
     rng = np.random.default_rng(7)
@@ -203,7 +187,7 @@ def test_requests_sharing_a_client_request_id_get_their_own_results(cluster, mak
     seqs = ["".join(rng.choice(list("ACDEFGHIKLMNPQRSTVWY"), 60)) for _ in range(8)]
 
     async def burst() -> list[httpx.Response]:
-        async with httpx.AsyncClient(base_url=cluster["base"], timeout=30) as c:
+        async with httpx.AsyncClient(base_url=cluster.base, timeout=30) as c:
             return await asyncio.gather(
                 *(
                     c.post(
@@ -226,11 +210,11 @@ def test_requests_sharing_a_client_request_id_get_their_own_results(cluster, mak
         np.testing.assert_allclose(r.json()["data"][0]["embedding"], w["embedding"], atol=1e-5)
 
 
-def test_no_worker_gives_503(tiny_artifact, tmp_path):
+def test_no_worker_gives_503(private_redis, tiny_artifact, tmp_path):
     p = f"rdserve-test-{uuid.uuid4().hex[:8]}"
     port = free_port()
     env = {
-        "RDSERVE_REDIS_URL": REDIS_URL,
+        "RDSERVE_REDIS_URL": private_redis.url,
         "RDSERVE_REDIS_PREFIX": p,
         "RDSERVE_ARTIFACT": str(tiny_artifact),
     }
@@ -242,37 +226,37 @@ def test_no_worker_gives_503(tiny_artifact, tmp_path):
         assert r.status_code == 503 and r.json()["error"]["code"] == "no_worker"
     finally:
         api.stop()
-        clear_prefix(REDIS_URL, p)
+        clear_prefix(private_redis.url, p)
 
 
-def test_stale_jobs_of_a_dead_worker_are_claimed(tiny_artifact):
+def test_stale_jobs_of_a_dead_worker_are_claimed(private_redis, tiny_artifact):
     """A job read by a consumer that died (never acked) is taken over after claim_idle_s."""
     p = f"rdserve-test-{uuid.uuid4().hex[:8]}"
-    r = redis.Redis.from_url(REDIS_URL)
+    r = redis.Redis.from_url(private_redis.url)
     try:
-        dead = RedisJobSource(r, p, "dead", claim_idle_s=0.2)
-        job = Job(
+        dead = RedisTaskSource(r, p, "dead", claim_idle_s=0.2)
+        job = Task(
             id="j1",
             artifact="x",
-            pooling="mean",
-            policy="truncate",
+            pooling=Pooling.mean,
+            policy=LongSequencePolicy.truncate,
             items=[WorkItem("MKV", 0, 0, None)],
             deadline=time.time() + 60,
             reply_to=f"{p}:replies:test",
         )
-        r.xadd(jobs_key(p), {"d": job_to_wire(job)})
+        r.xadd(tasks_key(p), {"d": task_to_wire(job)})
         assert [j.id for j in dead.take(1, 0)] == ["j1"]  # read, then the worker "dies"
-        alive = RedisJobSource(r, p, "alive", claim_idle_s=0.2)
+        alive = RedisTaskSource(r, p, "alive", claim_idle_s=0.2)
         assert alive.take(1, 0) == []  # nothing new and not yet idle long enough
         time.sleep(0.3)
         alive._last_claim = 0.0
         taken = alive.take(1, 0)
         assert [j.id for j in taken] == ["j1"]
-        alive.reply(taken[0], JobResult("j1", error="x", code="internal"))
-        assert r.xpending(jobs_key(p), GROUP)["pending"] == 0
+        alive.reply(taken[0], TaskResult("j1", error="x", code="internal"))
+        assert r.xpending(tasks_key(p), GROUP)["pending"] == 0
         assert r.xlen(f"{p}:replies:test") == 1
     finally:
-        clear_prefix(REDIS_URL, p)
+        clear_prefix(private_redis.url, p)
         r.close()
 
 
@@ -284,8 +268,8 @@ def test_cache_failure_never_fails_a_request(tiny_artifact):
     from fastapi.testclient import TestClient
 
     from app.bootstrap import embedded_service
-    from app.cache import RedisCache
-    from app.server import create_app
+    from app.core.cache import RedisCache
+    from app.http.app import create_app
     from app.settings import Settings
     from models.artifact import load_artifact
 
@@ -307,8 +291,8 @@ def test_cache_failure_never_fails_a_request(tiny_artifact):
 
 def test_worker_liveness_endpoint_reports_a_stalled_loop():
     """/health/live on the worker's metrics port: 200 while the loop turns, 503 once it stalls."""
-    from app.worker import WorkerState
-    from app.worker_server import serve_worker_http
+    from app.core.worker import WorkerState
+    from app.http.worker_endpoint import serve_worker_http
 
     state = WorkerState("w-test", 2)
     state.running = True
@@ -326,20 +310,21 @@ def test_worker_liveness_endpoint_reports_a_stalled_loop():
         server.shutdown()
 
 
-def test_redis_queue_is_bounded_atomically():
+def test_redis_queue_is_bounded_atomically(private_redis):
     """XLEN check and XADD in one Lua call: the (max_queue+1)-th job is refused, not queued."""
     import asyncio
     import json as _json
 
     import redis.asyncio as aioredis
 
-    from app.dispatch import QueueFullError
-    from app.streams import RedisDispatcher, worker_key
+    from app.core.dispatch import QueueFullError
+    from app.transport.dispatcher import RedisDispatcher
+    from app.transport.keys import worker_key
 
     p = f"rdserve-test-{uuid.uuid4().hex[:8]}"
 
     async def scenario():
-        r = aioredis.from_url(REDIS_URL)
+        r = aioredis.from_url(private_redis.url)
         # A live (but idle) worker heartbeat for this artifact, so jobs are accepted.
         await r.set(
             worker_key(p, "idle"),
@@ -358,8 +343,7 @@ def test_redis_queue_is_bounded_atomically():
         d = RedisDispatcher(r, p, "sha", 1, max_queue=2)
         await d.start()
         jobs = [
-            Job(f"j{i}", "sha", "mean", "truncate", [WorkItem("MKV", 0, 0)], time.time() + 60)
-            for i in range(3)
+            make_task(f"j{i}", "sha", [WorkItem("MKV", 0, 0)], time.time() + 60) for i in range(3)
         ]
         waiting = [asyncio.create_task(d.submit(j, 5)) for j in jobs[:2]]
         await asyncio.sleep(0.2)
@@ -368,8 +352,8 @@ def test_redis_queue_is_bounded_atomically():
             raise AssertionError("expected QueueFullError")
         except QueueFullError:
             pass
-        assert await r.xlen(jobs_key(p)) == 2 and await d.queue_depth() == 2
-        await r.xtrim(jobs_key(p), maxlen=0)  # workers took everything: the gauge follows
+        assert await r.xlen(tasks_key(p)) == 2 and await d.queue_depth() == 2
+        await r.xtrim(tasks_key(p), maxlen=0)  # workers took everything: the gauge follows
         assert await d.queue_depth() == 0
         for t in waiting:
             t.cancel()
@@ -379,10 +363,10 @@ def test_redis_queue_is_bounded_atomically():
     try:
         asyncio.run(scenario())
     finally:
-        clear_prefix(REDIS_URL, p)
+        clear_prefix(private_redis.url, p)
 
 
-def test_a_reply_faster_than_the_enqueue_round_trip_is_delivered():
+def test_a_reply_faster_than_the_enqueue_round_trip_is_delivered(private_redis):
     """A worker may answer before the XADD's own reply reaches the API: the request must be
     registered by then (it used to be registered after, and such a reply was discarded as
     'expired' while the client waited for a 504 — about 1 in 5,000 jobs under load)."""
@@ -391,13 +375,14 @@ def test_a_reply_faster_than_the_enqueue_round_trip_is_delivered():
 
     import redis.asyncio as aioredis
 
-    from app.jobs import result_to_wire
-    from app.streams import RedisDispatcher, worker_key
+    from app.transport.dispatcher import RedisDispatcher
+    from app.transport.keys import worker_key
+    from app.transport.wire import result_to_wire
 
     p = f"rdserve-test-{uuid.uuid4().hex[:8]}"
 
-    async def scenario() -> JobResult:
-        r = aioredis.from_url(REDIS_URL)
+    async def scenario() -> TaskResult:
+        r = aioredis.from_url(private_redis.url)
         beat = {"id": "w", "artifact": "sha", "running": True, "loaded": [True], "ready": [True]}
         await r.set(worker_key(p, "w"), _json.dumps(beat), ex=30)
         d = RedisDispatcher(r, p, "sha", 1, max_queue=10)
@@ -406,13 +391,13 @@ def test_a_reply_faster_than_the_enqueue_round_trip_is_delivered():
         async def enqueue_then_answer_at_once(**kw):
             out = await enqueue(**kw)
             # The worker's answer lands and is read before the XADD's result is seen here.
-            await r.xadd(d.reply_key, {"d": result_to_wire(JobResult("j1", error="e"))})
+            await r.xadd(d.reply_key, {"d": result_to_wire(TaskResult("j1", error="e"))})
             await asyncio.sleep(1.5)
             return out
 
         d._enqueue = enqueue_then_answer_at_once
         await d.start()
-        job = Job("j1", "sha", "mean", "truncate", [WorkItem("MKV", 0, 0)], time.time() + 60)
+        job = make_task("j1", "sha", [WorkItem("MKV", 0, 0)], time.time() + 60)
         try:
             return await d.submit(job, 3)
         finally:
@@ -422,4 +407,4 @@ def test_a_reply_faster_than_the_enqueue_round_trip_is_delivered():
     try:
         assert asyncio.run(scenario()).id == "j1"
     finally:
-        clear_prefix(REDIS_URL, p)
+        clear_prefix(private_redis.url, p)

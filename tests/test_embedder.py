@@ -6,7 +6,6 @@ import random
 
 import numpy as np
 import pytest
-from conftest import random_protein
 
 from models.artifact import load_artifact
 from models.embedder import Embedder
@@ -14,6 +13,7 @@ from models.extract import Extractor, Pooling
 from models.families import build_chain
 from models.rd import apply_chain
 from models.sequences import LongSequencePolicy
+from tests.helpers import random_protein
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,12 @@ import random
 import numpy as np
 import pytest
 import torch
-from conftest import random_protein
 
 from models.extract import Extractor, Pooling
 from models.families import WeightsUnavailableError, build_chain
 from models.families.esm2 import ESM2_PRESETS, ESM2Family
 from models.sequences import Handling, LongSequencePolicy, SequenceError
+from tests.helpers import random_protein
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import random_protein
 from typer.testing import CliRunner
 
 from models.artifact import load_artifact
@@ -29,6 +28,7 @@ from models.evaluation.report import comparisons, win_rate
 from models.extract import Extractor, ForwardStats
 from models.families import build_chain
 from models.projection import Projector
+from tests.helpers import random_protein
 
 AA = "ACDEFGHIKLMNPQRSTVWY"
 
@@ -266,7 +266,7 @@ def test_pooled_rd_equals_mean_of_per_residue_rd(chain, assay_dir, tiny_artifact
 
 
 def test_cli_writes_markdown_csv_and_png(tiny_artifact, assay_dir, tmp_path):
-    from models.cli import cli
+    from app.cli import cli
 
     out = tmp_path / "out"
     args = [
@@ -317,7 +317,7 @@ def test_cli_writes_markdown_csv_and_png(tiny_artifact, assay_dir, tmp_path):
 
 
 def test_cli_rejects_a_missing_assay_path(tiny_artifact, tmp_path):
-    from models.cli import cli
+    from app.cli import cli
 
     r = CliRunner().invoke(
         cli,

@@ -8,23 +8,23 @@ HTTP and the tiny random-weight ESM-2 chain.  Only the GPU's out-of-memory error
 from __future__ import annotations
 
 import signal
-import threading
 import time
 
 import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import metric, wait_ready
-from procs import Proc, RedisServer, rdserve, wait_http
 
-from app.jobs import Job, WorkItem
-from app.streams import GROUP, jobs_key, worker_key
-from app.worker import Worker
+from app.core.tasks import WorkItem
+from app.core.worker import Worker
+from app.transport.keys import GROUP, tasks_key, worker_key
 from models.artifact import load_artifact
 from models.blocks import ItemFailure
 from models.embedder import Embedder, EmbeddingError
 from models.families import build_chain
+from tests.harness import Cluster, Request, cluster_env, scrape
+from tests.helpers import make_task, metric, wait_ready
+from tests.procs import RedisServer, free_port, rdserve, wait_http
 
 AA = list("ACDEFGHIKLMNPQRSTVWY")
 PREFIX = "rdserve-faults"
@@ -104,17 +104,17 @@ def test_worker_answers_other_items_and_jobs_and_keeps_serving(faulty_embedder, 
         def reply(self, job, result):
             replies[job.id] = result
 
-    worker = Worker(embedder, Source(), "w", 4096, 0.0)
+    worker = Worker(embedder, Source(), "w", 0.0)
     deadline = time.time() + 60
-    mixed = Job("a", art.sha256, "mean", "truncate", [], deadline)
+    mixed = make_task("a", art.sha256, [], deadline)
     mixed.items = [WorkItem(s, 0, 2) for s in [good[0], poison, good[1]]]
-    clean = Job("b", art.sha256, "mean", "truncate", [WorkItem(good[2], 0, 2)], deadline)
+    clean = make_task("b", art.sha256, [WorkItem(good[2], 0, 2)], deadline)
     worker.process([mixed, clean])
     a, b = replies["a"], replies["b"]
     assert a.error is None and [it.error is None for it in a.items] == [True, False, True]
     assert a.items[1].code == "out_of_memory" and "out of memory" in a.items[1].error
     assert len(a.items[0].blocks) == 3 and b.error is None and len(b.items[0].blocks) == 3
-    worker.process([Job("c", art.sha256, "mean", "truncate", [WorkItem(good[0], 0, 0)], deadline)])
+    worker.process([make_task("c", art.sha256, [WorkItem(good[0], 0, 0)], deadline)])
     assert replies["c"].error is None  # the worker keeps serving
 
 
@@ -145,97 +145,18 @@ def test_api_names_the_failed_item_and_caches_the_rest(make_app):
 # ---- distributed mode: real processes and a private Redis ------------------------------------
 
 
-def cluster_env(redis_url: str, artifact, **extra: str) -> dict[str, str]:
-    return {
-        "RDSERVE_REDIS_URL": redis_url,
-        "RDSERVE_REDIS_PREFIX": PREFIX,
-        "RDSERVE_ARTIFACT": str(artifact),
-        "RDSERVE_DEVICE": "cpu",
-        "RDSERVE_HEARTBEAT_S": "0.5",  # a dead worker's heartbeat expires after 2 s
-        "RDSERVE_METRICS_PORT": "0",
-        **extra,
-    }
-
-
-class Cluster:
-    """API and worker processes; stops them all at the end."""
-
-    def __init__(self, env: dict[str, str], logs) -> None:
-        from procs import free_port
-
-        self.env, self.logs = env, logs
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.api = rdserve("serve", "--port", str(self.port), env=env, log=logs / "api.log")
-        self.workers: dict[str, Proc] = {}
-
-    def worker(self, name: str, **extra: str) -> Proc:
-        env = {**self.env, **extra}
-        w = rdserve("worker", "--worker-id", name, env=env, log=self.logs / f"{name}.log")
-        self.workers[name] = w
-        return w
-
-    def wait_workers(self, n: int, timeout: float = 90) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                ready = httpx.get(f"{self.base}/health/ready", timeout=2).json()
-                if ready.get("workers") == n and ready.get("status") == "ready":
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(self.output())
-
-    def output(self) -> str:
-        parts = [f"--- api\n{self.api.output()[-3000:]}"]
-        parts += [f"--- {n}\n{w.output()[-3000:]}" for n, w in self.workers.items()]
-        return "\n".join(parts)
-
-    def close(self) -> None:
-        for w in self.workers.values():
-            w.stop()
-        self.api.stop()
-
-
 @pytest.fixture
 def cluster(redis_server, tiny_artifact, tmp_path):
     made: list[Cluster] = []
 
     def make(**extra: str) -> Cluster:
-        c = Cluster(cluster_env(redis_server.url, tiny_artifact, **extra), tmp_path)
+        c = Cluster(cluster_env(redis_server.url, tiny_artifact, PREFIX, **extra), tmp_path)
         made.append(c)
         return c
 
     yield make
     for c in made:
         c.close()
-
-
-class Request(threading.Thread):
-    """One POST in the background: a test can crash things while it is in flight."""
-
-    def __init__(self, base: str, body: dict, timeout: float = 90) -> None:
-        super().__init__(daemon=True)
-        self.base, self.body, self.timeout = base, body, timeout
-        self.response: httpx.Response | None = None
-        self.error: Exception | None = None
-        self.seconds = 0.0
-
-    def run(self) -> None:
-        t0 = time.monotonic()
-        try:
-            self.response = httpx.post(
-                f"{self.base}/v1/embeddings", json=self.body, timeout=self.timeout
-            )
-        except Exception as e:  # noqa: BLE001 — reported by result()
-            self.error = e
-        self.seconds = time.monotonic() - t0
-
-    def result(self) -> httpx.Response:
-        self.join(self.timeout + 10)
-        assert self.response is not None, f"no response: {self.error!r}"
-        return self.response
 
 
 def big_body(seed: int, n: int = 256) -> dict:
@@ -247,7 +168,7 @@ def pending_at(r, consumer: str | None = None, timeout: float = 60) -> str:
     """Wait until a consumer holds a job (it is computing); returns that consumer's name."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        info = r.xpending(jobs_key(PREFIX), GROUP) if r.exists(jobs_key(PREFIX)) else None
+        info = r.xpending(tasks_key(PREFIX), GROUP) if r.exists(tasks_key(PREFIX)) else None
         for c in (info or {}).get("consumers", []):
             name = c["name"].decode()
             if c["pending"] and (consumer is None or name == consumer):
@@ -269,17 +190,9 @@ def check_values(tiny_artifact, body: dict, resp: httpx.Response, sample: int = 
         np.testing.assert_allclose(data[i]["embedding"], w, atol=1e-5)
 
 
-def scrape(base: str, name: str, **labels: str) -> float:
-    """One sample of a process's /metrics (API or worker metrics port)."""
-    with httpx.Client(base_url=base, timeout=5) as client:
-        return metric(client, name, **labels)
-
-
 def test_sigkilled_worker_jobs_are_finished_by_another(cluster, redis_server, tiny_artifact):
     """SIGKILL mid-batch: the survivor claims the dead worker's jobs once its heartbeat expires
     (claim_idle_s is 300 s here, so only dead-worker detection can save the requests)."""
-    from procs import free_port
-
     c = cluster(RDSERVE_CLAIM_IDLE_S="300")
     ports = {"w1": str(free_port()), "w2": str(free_port())}
     for name in ("w1", "w2"):
@@ -296,10 +209,10 @@ def test_sigkilled_worker_jobs_are_finished_by_another(cluster, redis_server, ti
     for q, b in zip(reqs, bodies, strict=True):
         check_values(tiny_artifact, b, q.result())
     survivor_metrics = f"http://127.0.0.1:{ports[survivor]}"
-    assert scrape(survivor_metrics, "rdserve_jobs_reclaimed_total", reason="dead") >= 1
+    assert scrape(survivor_metrics, "rdserve_tasks_reclaimed_total", reason="dead") >= 1
     r = redis_server.client()
-    assert r.xpending(jobs_key(PREFIX), GROUP)["pending"] == 0
-    assert r.xlen(jobs_key(PREFIX)) == 0
+    assert r.xpending(tasks_key(PREFIX), GROUP)["pending"] == 0
+    assert r.xlen(tasks_key(PREFIX)) == 0
 
 
 def test_no_worker_left_gives_503_not_a_hang(cluster, redis_server, tiny_artifact):
@@ -319,9 +232,9 @@ def test_no_worker_left_gives_503_not_a_hang(cluster, redis_server, tiny_artifac
     ok = httpx.post(f"{c.base}/v1/embeddings", json={"input": "MKVLAAGG"}, timeout=60)
     assert ok.status_code == 200, ok.text
     red = redis_server.client()
-    assert red.xlen(jobs_key(PREFIX)) == 0
+    assert red.xlen(tasks_key(PREFIX)) == 0
     time.sleep(1.5)  # w3's dead-worker check has run (every heartbeat period)
-    assert "claimed jobs" not in c.workers["w3"].output()
+    assert "claimed tasks" not in c.workers["w3"].output()
 
 
 def test_a_job_computed_twice_is_delivered_once(cluster, redis_server, tiny_artifact):
@@ -344,7 +257,7 @@ def test_a_job_computed_twice_is_delivered_once(cluster, redis_server, tiny_arti
         time.sleep(0.5)
     else:
         raise AssertionError(c.output())
-    assert "claimed jobs pending too long" in c.workers[idle].output()
+    assert "claimed tasks pending too long" in c.workers[idle].output()
 
 
 def test_redis_outage_gives_503_and_recovers_without_restarts(cluster, redis_server):
@@ -396,10 +309,12 @@ def test_cache_redis_down_only_costs_recomputes(cluster, redis_server, tmp_path)
 def test_in_flight_requests_survive_a_redis_restart(cluster, redis_server, tiny_artifact):
     """Redis restarts (losing every stream) while a worker computes: the worker's reply waits
     for Redis, the API queues the lost job again, the request gets its answer once."""
-    c = cluster()
+    # A task that computes for seconds after Redis is back, so the API notices the restart (and
+    # queues the lost task again) before the worker's reply gets through.
+    c = cluster(RDSERVE_MAX_SEQUENCES="1024", RDSERVE_MAX_RESIDUES="500000")
     c.worker("w1")
     c.wait_workers(1)
-    body = big_body(60)
+    body = big_body(60, n=1024)
     q = Request(c.base, body, timeout=90)
     q.start()
     pending_at(redis_server.client(), "w1")
@@ -407,7 +322,7 @@ def test_in_flight_requests_survive_a_redis_restart(cluster, redis_server, tiny_
     time.sleep(0.5)
     redis_server.start()
     check_values(tiny_artifact, body, q.result())
-    assert scrape(c.base, "rdserve_jobs_resubmitted_total") == 1, c.output()
+    assert scrape(c.base, "rdserve_tasks_resubmitted_total") == 1, c.output()
 
 
 # ---- graceful shutdown -----------------------------------------------------------------------
@@ -426,7 +341,7 @@ def test_sigterm_on_a_worker_finishes_its_batch(cluster, redis_server, tiny_arti
     assert w.wait(30) == 0
     assert "stopping after the current batch" in w.output()
     r = redis_server.client()
-    assert r.xpending(jobs_key(PREFIX), GROUP)["pending"] == 0
+    assert r.xpending(tasks_key(PREFIX), GROUP)["pending"] == 0
     assert not r.exists(worker_key(PREFIX, "w1"))  # deregistered: nobody waits for it
 
 
@@ -440,8 +355,6 @@ def test_sigterm_on_the_api_finishes_in_flight_requests(
         c.wait_workers(1)
         api, base = c.api, c.base
     else:
-        from procs import free_port
-
         port = free_port()
         env = {
             "RDSERVE_ARTIFACT": str(tiny_artifact),

@@ -19,9 +19,10 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
-from conftest import wait_ready
-from procs import Proc, free_port, rdserve, wait_http
 from pydantic import SecretStr
+
+from tests.helpers import wait_ready
+from tests.procs import Proc, free_port, rdserve, wait_http
 
 KEY = secrets.token_urlsafe(24)
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -10,34 +10,9 @@ from models.artifact import ArtifactError, load_artifact, save_artifact
 from models.families.base import Level
 from models.projection import Projector
 from models.reference import import_reference
+from tests.helpers import write_scaler
 
 LEVELS = [Level("8M", 6, "a"), Level("35M", 10, "b"), Level("150M", 16, "c")]
-
-
-def write_scaler(directory, d_in, d_out, name_in, name_out, regressor, rng, pca="fbpca", n="1k"):
-    """A scaler in the reference layout: sklearn attribute names, columns/rows as documented."""
-    keys = {
-        "pca__mean_": rng.normal(size=d_out),
-        "pca__components_": np.linalg.qr(rng.normal(size=(d_out, d_out)))[0][: d_out - d_in],
-    }
-    if regressor == "pcr":
-        n_pcs = d_in - 2
-        keys |= {
-            "regressor__input_mean_": rng.normal(size=d_in),
-            "regressor__output_mean_": rng.normal(size=d_out),
-            "regressor__input_components_": np.linalg.qr(rng.normal(size=(d_in, d_in)))[0],
-            "regressor__n_significant_pcs_": np.array(n_pcs),
-            "regressor__coef_": rng.normal(size=(d_out, n_pcs)),
-            "regressor__intercept_": rng.normal(size=d_out) * 0.1,
-        }
-    else:
-        keys |= {
-            "regressor__coef_": rng.normal(size=(d_out, d_in)),
-            "regressor__intercept_": rng.normal(size=d_out),
-        }
-    path = directory / f"rd-scaler-{name_in}-{name_out}-{regressor}-{pca}-{n}.npz"
-    np.savez(path, **keys)
-    return dict(np.load(path))
 
 
 def reference_step(x_in, x_out, s, regressor):

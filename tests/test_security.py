@@ -14,17 +14,18 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import random_protein, wait_ready
 from fastapi.testclient import TestClient
-from procs import Proc, free_port, rdserve, wait_http
 from pydantic import SecretStr
 from starlette.responses import PlainTextResponse
 
-from app import middleware
-from app.middleware import Gate
+from app.http import middleware
+from app.http.middleware import Gate
+from app.http.routing import route_table
 from models.artifact import ArtifactError, load_artifact
 from models.families.unirep import UniRepModel
 from models.reference import read_reference_step
+from tests.helpers import random_protein, wait_ready
+from tests.procs import Proc, free_port, rdserve, wait_http
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = ["k-" + secrets.token_urlsafe(8), "key-" + secrets.token_urlsafe(40)]  # unequal lengths
@@ -56,8 +57,8 @@ def test_every_route_but_health_requires_a_key(make_app):
     with c:
         wait_ready(c, 60)
         seen: set[tuple[str, str]] = set()
-        for route in c.app.routes:
-            for method in sorted(getattr(route, "methods", None) or ()):
+        for route in route_table(c.app.router.routes):
+            for method in sorted(route.methods):
                 path = route.path  # no route takes path parameters
                 seen.add((method, path))
                 body = bodies.get((method, path))
@@ -263,9 +264,9 @@ def test_every_redis_key_is_under_the_configured_prefix(redis_server, tiny_artif
         api.stop()
     outside = [k for k in keys if not k.startswith(f"{prefix}:")]
     assert not outside, outside
-    # Jobs stream, worker heartbeat and cache entries all exist: the check covered each kind.
+    # Tasks stream, worker heartbeat and cache entries all exist: the check covered each kind.
     kinds = {k.split(":")[1] for k in keys}
-    assert {"jobs", "worker", "emb"} <= kinds, keys
+    assert {"tasks", "worker", "emb"} <= kinds, keys
 
 
 # ---- no pickle ---------------------------------------------------------------------------------

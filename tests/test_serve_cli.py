@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import httpx
-from procs import free_port, rdserve, wait_http
 
 from models.artifact import load_artifact
+from tests.procs import free_port, rdserve, wait_http
 
 
 def test_zero_config_fits_the_default_chain_then_serves(tiny_esm_dirs, tmp_path):

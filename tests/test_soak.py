@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 
-from procs import REPO
+from tests.procs import REPO
 
 sys.path.insert(0, str(REPO))  # benchmarks/ is not an installed package
 from benchmarks.soak import KINDS, soak

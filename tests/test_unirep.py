@@ -11,12 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import UNIREF, random_protein
 from typer.testing import CliRunner
 
 import models.families.unirep as unirep_mod
 import models.weights as weights_mod
-from models.cli import cli
+from app.cli import cli
 from models.extract import Extractor, Pooling
 from models.families import (
     LevelMismatchError,
@@ -34,6 +33,7 @@ from models.weights import (
     unirep_weights_path,
     wheel_member,
 )
+from tests.helpers import UNIREF, random_protein
 
 #: UniRep's published amino-acid codes (Alley et al. 2019); 24 is the start token.
 CODES = {

@@ -6,11 +6,12 @@ import time
 
 import pytest
 
-from app.jobs import Job, WorkItem
-from app.worker import Worker
+from app.core.tasks import WorkItem
+from app.core.worker import Worker
 from models.artifact import load_artifact
 from models.embedder import Embedder
 from models.families import build_chain
+from tests.helpers import make_task
 
 
 class ListSource:
@@ -43,20 +44,13 @@ def worker_and_events(tiny_artifact):
 
     def make(jobs):
         source = ListSource(jobs, events)
-        return Worker(embedder, source, "w", 64, 0.0), source
+        return Worker(embedder, source, "w", 0.0), source
 
     return make, events, art
 
 
 def job(id_, art, seqs, stop, deadline=None):
-    return Job(
-        id_,
-        art.sha256,
-        "mean",
-        "truncate",
-        [WorkItem(s, 0, stop) for s in seqs],
-        deadline or time.time() + 60,
-    )
+    return make_task(id_, art.sha256, [WorkItem(s, 0, stop) for s in seqs], deadline)
 
 
 def test_small_k_jobs_are_answered_before_larger_models_run(worker_and_events):
@@ -85,7 +79,7 @@ def test_a_job_is_answered_when_its_own_batch_is_done(worker_and_events):
 def test_expired_and_foreign_jobs_are_refused_not_computed(worker_and_events):
     make, events, art = worker_and_events
     old = job("old", art, ["MKV"], stop=0, deadline=time.time() - 1)
-    alien = Job("alien", "0" * 64, "mean", "truncate", [WorkItem("MKV", 0, 0)], time.time() + 60)
+    alien = make_task("alien", "0" * 64, [WorkItem("MKV", 0, 0)], time.time() + 60)
     w, source = make([old, alien])
     w.process(source.take(0, 0))
     assert [e[0] for e in events] == ["reply", "reply"]

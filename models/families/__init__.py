@@ -13,6 +13,7 @@ from models.families.base import (
 )
 from models.families.esm2 import ESM2Family
 from models.families.unirep import UniRepFamily
+from models.specs import family_spec
 
 FAMILIES: dict[str, type[ModelFamily]] = {
     ESM2Family.name: ESM2Family,
@@ -22,10 +23,7 @@ FAMILIES: dict[str, type[ModelFamily]] = {
 
 def family_class(name: str) -> type[ModelFamily]:
     """The family class registered under ``name`` (ValueError listing the known ones)."""
-    try:
-        return FAMILIES[name]
-    except KeyError:
-        raise ValueError(f"unknown model family {name!r}; known: {', '.join(FAMILIES)}") from None
+    return FAMILIES[family_spec(name).name]  # the torch-free spec owns the "unknown" error
 
 
 __all__ = [

@@ -15,12 +15,16 @@ import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from app.metrics import CACHE_ERRORS
 from models.artifact import Artifact
+from models.sequences import Handling, Pooling
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
 
 log = logging.getLogger(__name__)
 
@@ -31,18 +35,25 @@ class CacheEntry:
 
     blocks: list[np.ndarray]  # blocks of levels 0 … len−1: (k_l,) pooled or (L, k_l) per residue
     residues: int  # residues embedded
-    handling: str  # full | truncated | chunked
+    handling: Handling  # full | truncated | chunked
+
+
+#: Version of what a key means: bumped whenever its parts change meaning, so that entries
+#: written under an older meaning are never read (v2: handling spelled as models.Handling).
+KEY_VERSION = "v2"
 
 
 def cache_namespace(artifact: Artifact) -> str:
     """What makes embeddings of the same sequence comparable: family, models, projection."""
     models = ",".join(f"{lv.model_id}@{lv.revision or ''}" for lv in artifact.levels)
-    return f"{artifact.family}|{models}|{artifact.sha256}"
+    return f"{KEY_VERSION}|{artifact.family}|{models}|{artifact.sha256}"
 
 
-def cache_key(namespace: str, pooling: str, handling: str, seq: str) -> str:
+def cache_key(namespace: str, pooling: Pooling, handling: Handling, seq: str) -> str:
     """sha256 of (namespace, pooling, long-sequence handling, sequence) — not of k."""
-    return hashlib.sha256(f"{namespace}|{pooling}|{handling}|{seq}".encode()).hexdigest()
+    return hashlib.sha256(
+        f"{namespace}|{pooling.value}|{handling.value}|{seq}".encode()
+    ).hexdigest()
 
 
 class Cache(Protocol):
@@ -111,9 +122,9 @@ class RedisCache:
     """
 
     def __init__(
-        self, client: object, prefix: str, n_levels: int, dims: list[int], ttl_s: int
+        self, client: aioredis.Redis, prefix: str, n_levels: int, dims: list[int], ttl_s: int
     ) -> None:
-        self.r = client  # redis.asyncio.Redis with short socket timeouts
+        self.r = client  # with short socket timeouts: a slow cache must not stall requests
         self.prefix = f"{prefix}:emb:"
         self.n_levels = n_levels
         self.widths = [dims[0]] + [b - a for a, b in itertools.pairwise(dims)]
@@ -122,7 +133,7 @@ class RedisCache:
     async def get_many(self, keys: list[str]) -> list[CacheEntry | None]:
         fields = ["m", *map(str, range(self.n_levels))]
         try:
-            async with self.r.pipeline(transaction=False) as pipe:  # type: ignore[attr-defined]
+            async with self.r.pipeline(transaction=False) as pipe:
                 for k in keys:
                     pipe.hmget(self.prefix + k, fields)
                 rows = await pipe.execute()
@@ -144,16 +155,18 @@ class RedisCache:
                 break  # only a contiguous prefix of levels is usable
             arr = np.frombuffer(data, dtype="<f4")
             blocks.append(arr.reshape(n_rows, width) if n_rows else arr)
-        return CacheEntry(blocks, int(residues), handling)
+        return CacheEntry(blocks, int(residues), Handling(handling))
 
     async def put_many(self, entries: list[tuple[str, int, CacheEntry]]) -> None:
         if not entries:
             return
         try:
-            async with self.r.pipeline(transaction=False) as pipe:  # type: ignore[attr-defined]
+            async with self.r.pipeline(transaction=False) as pipe:
                 for key, start, e in entries:
                     rows = e.blocks[0].shape[0] if e.blocks[0].ndim == 2 else 0
-                    mapping: dict[str, bytes | str] = {"m": f"{e.residues}|{e.handling}|{rows}"}
+                    mapping: dict[str, bytes | str] = {
+                        "m": f"{e.residues}|{e.handling.value}|{rows}"
+                    }
                     for lvl in range(start, len(e.blocks)):
                         mapping[str(lvl)] = np.ascontiguousarray(
                             e.blocks[lvl], dtype="<f4"
@@ -167,4 +180,4 @@ class RedisCache:
             log.warning("cache store failed", extra={"error": repr(e)})
 
     async def close(self) -> None:
-        await self.r.aclose()  # type: ignore[attr-defined]
+        await self.r.aclose()

@@ -1,4 +1,5 @@
-"""The one error shape of the API: {"error": {"message", "type", "param", "code"}}."""
+"""The one error shape of the API: {"error": {"message", "type", "param", "code"}}, for every
+failure (ours, validation, HTTP, unexpected)."""
 
 from __future__ import annotations
 
@@ -10,27 +11,10 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from app.core.errors import APIError
 from app.metrics import ERRORS
 
 log = logging.getLogger(__name__)
-
-
-class APIError(Exception):
-    """An error response: HTTP status, message naming the field/item, OpenAI-style type and code."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        type: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type = status, message, type
-        self.param, self.code, self.headers = param, code, headers or {}
 
 
 def error_body(message: str, type_: str, param: str | None, code: str | None) -> bytes:

@@ -1,33 +1,52 @@
-"""One embeddings request: validate → cache lookup → queue misses → cache store → vectors."""
+"""One embeddings request: validate → cache lookup → queue misses → cache store → vectors.
+
+The HTTP layer hands over a plain :class:`EmbedQuery` (pydantic stays at the boundary) and gets
+an :class:`Outcome`; failures are :class:`~app.core.errors.APIError` naming the field and item.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from app import metrics as m
-from app.cache import Cache, CacheEntry, cache_key, cache_namespace
-from app.dispatch import Dispatcher, NoWorkerError, QueueFullError, QueueUnavailableError
-from app.errors import APIError
-from app.jobs import ItemResult, Job, WorkItem
-from app.schemas import EmbeddingRequest
+from app.core.cache import Cache, CacheEntry, cache_key, cache_namespace
+from app.core.dispatch import Dispatcher, DispatchError
+from app.core.errors import APIError
+from app.core.tasks import ItemResult, Task, WorkItem
 from app.settings import Settings
 from models.artifact import Artifact
 from models.blocks import assemble
 from models.sequences import (
+    Handling,
     LongSequencePolicy,
     Pooling,
     SequenceError,
     clean_sequence,
     first_duplicate,
+    handling_for,
 )
 from models.specs import family_spec
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class EmbedQuery:
+    """What a client asks for (already type-checked at the boundary)."""
+
+    inputs: Sequence[str]  # sequences as sent (cleaned and checked here)
+    ids: Sequence[str] | None = None  # one per input, unique, when given
+    model: str | None = None  # the served family or artifact name, if named
+    dimensions: int | None = None  # k (default: the artifact's full dim)
+    pooling: Pooling = Pooling.mean  # mean | per_residue | bos
+    policy: LongSequencePolicy = LongSequencePolicy.truncate  # for sequences over the context
+    normalize: bool = False  # L2-normalise after truncating to k
 
 
 @dataclass(slots=True)
@@ -36,7 +55,7 @@ class ItemOutcome:
 
     vector: np.ndarray  # (k,) pooled or (L, k) per residue, float32
     residues: int  # residues embedded
-    handling: str  # full | truncated | chunked
+    handling: Handling  # full | truncated | chunked
     tier: str  # full_hit | partial | miss
 
 
@@ -65,8 +84,9 @@ class EmbeddingService:
     def accepts_model(self, name: str | None) -> bool:
         return name in (None, "", self.artifact.name, self.artifact.family)
 
-    def _validate(self, req: EmbeddingRequest) -> tuple[list[str], int]:
-        raw = [req.input] if isinstance(req.input, str) else req.input
+    def _validate(self, q: EmbedQuery) -> tuple[list[str], list[Handling], int]:
+        """Cleaned sequences, how each is fed to the model, and k; APIError naming the fault."""
+        raw = q.inputs
         if not raw:
             raise APIError(
                 422, "input must contain at least one sequence", param="input", code="empty_input"
@@ -79,31 +99,31 @@ class EmbeddingService:
                 param="input",
                 code="too_many_sequences",
             )
-        if req.model and not self.accepts_model(req.model):
+        if q.model and not self.accepts_model(q.model):
             raise APIError(
                 404,
-                f"model {req.model!r} is not served here; this server serves "
+                f"model {q.model!r} is not served here; this server serves "
                 f"{self.artifact.name!r} (family {self.artifact.family!r})",
                 param="model",
                 code="model_not_found",
             )
-        if req.ids is not None and len(req.ids) != len(raw):
+        if q.ids is not None and len(q.ids) != len(raw):
             raise APIError(
                 422,
-                f"ids has {len(req.ids)} entries but input has {len(raw)}",
+                f"ids has {len(q.ids)} entries but input has {len(raw)}",
                 param="ids",
                 code="ids_length_mismatch",
             )
         # ids key the .npz output and must identify one item each.
-        if req.ids is not None and (dup := first_duplicate(req.ids)) is not None:
+        if q.ids is not None and (dup := first_duplicate(q.ids)) is not None:
             i, j = dup
             raise APIError(
                 422,
-                f"ids[{i}] repeats ids[{j}] ({req.ids[i]!r}); ids must be unique",
+                f"ids[{i}] repeats ids[{j}] ({q.ids[i]!r}); ids must be unique",
                 param=f"ids[{i}]",
                 code="duplicate_id",
             )
-        k = req.dimensions if req.dimensions is not None else self.artifact.max_dim
+        k = q.dimensions if q.dimensions is not None else self.artifact.max_dim
         if not 1 <= k <= self.artifact.max_dim:
             raise APIError(
                 422,
@@ -111,7 +131,7 @@ class EmbeddingService:
                 param="dimensions",
                 code="invalid_dimensions",
             )
-        if req.pooling == Pooling.bos and not self.family.has_bos:
+        if q.pooling == Pooling.bos and not self.family.has_bos:
             raise APIError(
                 422,
                 f"family {self.artifact.family!r} has no start token; "
@@ -119,7 +139,7 @@ class EmbeddingService:
                 param="pooling",
                 code="unsupported_pooling",
             )
-        seqs = []
+        seqs, handling = [], []
         total = 0
         for i, r in enumerate(raw):
             try:
@@ -128,20 +148,12 @@ class EmbeddingService:
                 raise APIError(
                     422, f"input[{i}]: {e.reason}", param=f"input[{i}]", code="invalid_sequence"
                 ) from None
-            cap = self.family.max_residues
-            if (
-                cap is not None
-                and len(seq) > cap
-                and req.long_sequence_policy == LongSequencePolicy.error
-            ):
+            try:
+                handling.append(handling_for(i, len(seq), self.family.max_residues, q.policy))
+            except SequenceError as e:
                 raise APIError(
-                    422,
-                    f"input[{i}]: length {len(seq)} exceeds the model context of "
-                    f"{cap} residues (set long_sequence_policy to 'truncate' or "
-                    "'chunk')",
-                    param=f"input[{i}]",
-                    code="sequence_too_long",
-                )
+                    422, f"input[{i}]: {e.reason}", param=f"input[{i}]", code="sequence_too_long"
+                ) from None
             total += len(seq)
             seqs.append(seq)
         if total > s.max_residues:
@@ -151,23 +163,20 @@ class EmbeddingService:
                 param="input",
                 code="too_many_residues",
             )
-        return seqs, k
+        return seqs, handling, k
 
-    def _handling(self, seq: str, policy: LongSequencePolicy) -> str:
-        cap = self.family.max_residues
-        return "full" if cap is None or len(seq) <= cap else str(policy)
-
-    async def embed(self, req: EmbeddingRequest, request_id: str) -> Outcome:
-        seqs, k = self._validate(req)
+    async def embed(self, q: EmbedQuery, request_id: str) -> Outcome:
+        seqs, handling, k = self._validate(q)
         stop = self.artifact.level_for_dim(k)
         if self.settings.log_sequences:  # opt-in only: sequences can be confidential
             log.debug("sequences", extra={"request_id": request_id, "sequences": seqs})
-        pooling, policy = str(req.pooling), req.long_sequence_policy
         bucket = m.k_bucket(k, self.artifact.dims)
-        m.ITEMS.labels(bucket, pooling).inc(len(seqs))
+        m.ITEMS.labels(bucket, q.pooling.value).inc(len(seqs))
 
         # Identical sequences in one request are looked up and computed once.
-        keys = [cache_key(self.namespace, pooling, self._handling(s, policy), s) for s in seqs]
+        keys = [
+            cache_key(self.namespace, q.pooling, h, s) for s, h in zip(seqs, handling, strict=True)
+        ]
         unique = list(dict.fromkeys(keys))
         first = {key: keys.index(key) for key in unique}
         entries = dict(zip(unique, await self.cache.get_many(unique), strict=True))
@@ -187,7 +196,7 @@ class EmbeddingService:
             m.CACHE.labels(tiers[key]).inc()
 
         if work:
-            failed = await self._compute(work, entries, req, stop)
+            failed = await self._compute(work, entries, q)
             if failed:
                 raise _item_failed(failed, keys)
 
@@ -197,7 +206,7 @@ class EmbeddingService:
             assert e is not None
             items.append(
                 ItemOutcome(
-                    assemble(e.blocks[: stop + 1], k, req.normalize),
+                    assemble(e.blocks[: stop + 1], k, q.normalize),
                     e.residues,
                     e.handling,
                     tiers[key],
@@ -209,47 +218,30 @@ class EmbeddingService:
         self,
         work: list[tuple[str, WorkItem]],
         entries: dict[str, CacheEntry | None],
-        req: EmbeddingRequest,
-        stop: int,
+        q: EmbedQuery,
     ) -> list[tuple[str, ItemResult]]:
         """Run the misses on a worker and store what came back; returns the items that failed
         (the others are cached either way, so a retry without the failed ones is served fast)."""
         timeout = self.settings.request_timeout_s
-        job = Job(
-            # Our own id, never the client's X-Request-ID: replies are routed by job id, and two
+        task = Task(
+            # Our own id, never the client's X-Request-ID: replies are routed by task id, and two
             # requests sharing a client-chosen id would receive each other's embeddings.
             id=uuid.uuid4().hex,
             artifact=self.artifact.sha256,
-            pooling=str(req.pooling),
-            policy=str(req.long_sequence_policy),
+            pooling=q.pooling,
+            policy=q.policy,
             items=[w for _, w in work],
             deadline=time.time() + timeout,
         )
         try:
-            result = await self.dispatcher.submit(job, timeout)
-        except QueueFullError:
+            result = await self.dispatcher.submit(task, timeout)
+        except DispatchError as e:
             raise APIError(
-                429,
-                "the request queue is full; retry later",
-                type="rate_limit_error",
-                code="queue_full",
-                headers={"Retry-After": "1"},
-            ) from None
-        except QueueUnavailableError as e:
-            raise APIError(
-                503,
-                f"the job queue is unavailable: {e}",
-                type="server_error",
-                code="queue_unavailable",
-                headers={"Retry-After": "5"},
-            ) from None
-        except NoWorkerError as e:
-            raise APIError(
-                503,
-                f"no worker available: {e}",
-                type="server_error",
-                code="no_worker",
-                headers={"Retry-After": "5"},
+                e.status,
+                str(e),
+                type=e.type,
+                code=e.code,
+                headers={"Retry-After": str(e.retry_after_s)},
             ) from None
         except TimeoutError:
             raise APIError(
@@ -270,7 +262,7 @@ class EmbeddingService:
             known = entries[key].blocks[: w.start] if entries[key] is not None else []
             entry = CacheEntry([*known, *r.blocks], r.residues, r.handling)
             entries[key] = entry
-            per_residue = req.pooling == Pooling.per_residue
+            per_residue = q.pooling == Pooling.per_residue
             if not per_residue or sum(b.nbytes for b in entry.blocks) <= cap:
                 stores.append((key, w.start, entry))
         await self.cache.put_many(stores)

@@ -8,11 +8,14 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Collection, MutableMapping, Sequence
 from typing import Any
 
+from starlette.routing import BaseRoute
+
 from app import metrics as m
-from app.errors import error_body
+from app.http.errors import error_body
+from app.http.routing import RouteInfo, route_table
 
 log = logging.getLogger("rdserve.access")
 errors_log = logging.getLogger(__name__)
@@ -23,15 +26,6 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-ROUTES = {
-    "/v1/embeddings",
-    "/v1/models",
-    "/health/live",
-    "/health/ready",
-    "/metrics",
-    "/docs",
-    "/openapi.json",
-}
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
@@ -44,8 +38,16 @@ class Gate:
         api_keys: list[str],
         max_body_bytes: int,
         max_json_values: int = 2**16,
+        *,
+        routes: Sequence[BaseRoute] = (),
+        public_paths: Collection[str] = (),
     ) -> None:
         self.app = app
+        # The app's own route table labels metrics (read at the first request, once every route
+        # is in), and the public paths — the health router's — are the only ones without a key.
+        self._routes = routes
+        self._table: list[RouteInfo] | None = None
+        self.public = frozenset(public_paths)
         # Only digests are kept and compared: equal-length inputs to compare_digest, so the time
         # taken reveals neither a key's length nor how much of it a guess got right.
         self.key_digests = [hashlib.sha256(k.encode()).digest() for k in api_keys]
@@ -61,6 +63,15 @@ class Gate:
             ok |= hmac.compare_digest(token, key)
         return ok
 
+    def route_of(self, scope: Scope) -> str:
+        """The path template of the route that serves this request ("other" for none): a
+        bounded metric label, e.g. "/v1/embeddings"."""
+        if self._table is None:
+            self._table = route_table(self._routes)
+        path = scope["path"]
+        # Any method: a path served for another method is labelled too (answered 405).
+        return next((r.path for r in self._table if r.matches(path)), "other")
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
@@ -71,7 +82,7 @@ class Gate:
         rid = rid_in if _SAFE_ID.match(rid_in) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
         path = scope["path"]
-        route = path if path in ROUTES else "other"
+        route = self.route_of(scope)
         status = {"code": 500, "started": False}
 
         async def send_with_id(message: Message) -> None:
@@ -98,7 +109,7 @@ class Gate:
         try:
             if (
                 self.key_digests
-                and not path.startswith("/health")
+                and route not in self.public
                 and not self._authorised(headers.get(b"authorization"))
             ):
                 await reject(
@@ -147,7 +158,7 @@ class Gate:
             took = time.perf_counter() - t0
             m.REQUESTS.labels(route, str(status["code"])).inc()
             m.REQUEST_DURATION.labels(route).observe(took)
-            if route not in ("/metrics", "/health/live", "/health/ready"):
+            if route != "/metrics" and route not in self.public:  # probes: every few seconds
                 log.info(
                     "request",
                     extra={

@@ -1,4 +1,7 @@
-"""API-side job dispatch: the interface, and embedded mode (a worker thread in this process)."""
+"""API-side task dispatch: the interface, and embedded mode (a worker thread in this process).
+
+Distributed mode's dispatcher is ``app.transport.dispatcher.RedisDispatcher``.
+"""
 
 from __future__ import annotations
 
@@ -6,28 +9,47 @@ import asyncio
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 from app import metrics as m
-from app.jobs import Job, JobResult
-from app.worker import Worker
+from app.core.tasks import Task, TaskResult
+from app.core.worker import Worker, gather
 
 log = logging.getLogger(__name__)
 
 
-class QueueFullError(Exception):
+class DispatchError(Exception):
+    """A task could not be handed to a worker; says how the request is answered."""
+
+    status = 503  # HTTP status of the answer
+    type = "server_error"  # OpenAI-style error type
+    code = "dispatch_failed"  # machine-readable reason
+    retry_after_s = 5  # what the client is told to wait
+    what = "the task could not be dispatched"  # the message's lead
+
+    def __init__(self, detail: str | None = None) -> None:
+        super().__init__(f"{self.what}: {detail}" if detail else self.what)
+
+
+class QueueFullError(DispatchError):
     """Too many queued requests (→ 429)."""
 
+    status, type, code, retry_after_s = 429, "rate_limit_error", "queue_full", 1
+    what = "the request queue is full; retry later"
 
-class NoWorkerError(Exception):
-    """No worker can take the job (→ 503)."""
+
+class NoWorkerError(DispatchError):
+    """No worker can take the task (→ 503)."""
+
+    code, what = "no_worker", "no worker available"
 
 
-class QueueUnavailableError(Exception):
-    """The job queue (Redis) cannot be reached (→ 503)."""
+class QueueUnavailableError(DispatchError):
+    """The task queue (Redis) cannot be reached (→ 503)."""
+
+    code, what = "queue_unavailable", "the task queue is unavailable"
 
 
 @dataclass(frozen=True)
@@ -38,11 +60,11 @@ class FleetStatus:
     loaded: list[bool]  # per level: resident in at least one worker
     ready: list[bool]  # per level: warmed in at least one worker (a usable prefix)
     error: str | None = None  # fatal worker error, or why the queue is unreachable
-    queue_ok: bool = True  # the job queue answers (always, in embedded mode)
+    queue_ok: bool = True  # the task queue answers (always, in embedded mode)
 
 
 class Dispatcher(Protocol):
-    """Sends jobs to workers and awaits their results."""
+    """Sends tasks to workers and awaits their results."""
 
     mode: str  # "embedded" | "distributed"
 
@@ -50,8 +72,8 @@ class Dispatcher(Protocol):
 
     async def stop(self) -> None: ...
 
-    async def submit(self, job: Job, timeout_s: float) -> JobResult:
-        """Queue a job and wait for it; raises QueueFullError, NoWorkerError, TimeoutError."""
+    async def submit(self, task: Task, timeout_s: float) -> TaskResult:
+        """Queue a task and wait for it; raises QueueFullError, NoWorkerError, TimeoutError."""
         ...
 
     async def status(self) -> FleetStatus: ...
@@ -60,47 +82,38 @@ class Dispatcher(Protocol):
 
 
 class LocalQueue:
-    """Thread-safe job queue between the event loop and the worker thread (a JobSource)."""
+    """Thread-safe task queue between the event loop and the worker thread (a TaskSource)."""
 
     def __init__(self) -> None:
-        self._q: queue.Queue[Job] = queue.Queue()
+        self._q: queue.Queue[Task] = queue.Queue()
         self._waiting: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self._lock = threading.Lock()
 
-    def put(self, job: Job, loop: asyncio.AbstractEventLoop, fut: asyncio.Future) -> None:
+    def put(self, task: Task, loop: asyncio.AbstractEventLoop, fut: asyncio.Future) -> None:
         with self._lock:
-            self._waiting[job.id] = (loop, fut)
-        self._q.put(job)
+            self._waiting[task.id] = (loop, fut)
+        self._q.put(task)
 
-    def forget(self, job_id: str) -> None:
+    def forget(self, task_id: str) -> None:
         with self._lock:
-            self._waiting.pop(job_id, None)
+            self._waiting.pop(task_id, None)
 
     def outstanding(self) -> int:
         with self._lock:
             return len(self._waiting)
 
-    def take(self, budget: int, wait_s: float) -> list[Job]:
+    def _get(self, timeout_s: float) -> list[Task]:
         try:
-            first = self._q.get(timeout=0.2)
+            return [self._q.get(timeout=timeout_s) if timeout_s > 0 else self._q.get_nowait()]
         except queue.Empty:
             return []
-        jobs = [first]
-        residues = sum(len(it.seq) for it in first.items)
-        deadline = time.monotonic() + wait_s
-        while residues < budget:
-            remaining = deadline - time.monotonic()
-            try:
-                job = self._q.get_nowait() if remaining <= 0 else self._q.get(timeout=remaining)
-            except queue.Empty:
-                break
-            jobs.append(job)
-            residues += sum(len(it.seq) for it in job.items)
-        return jobs
 
-    def reply(self, job: Job, result: JobResult) -> None:
+    def take(self, budget: int, wait_s: float) -> list[Task]:
+        return gather(self._get(0.2), self._get, budget, wait_s)
+
+    def reply(self, task: Task, result: TaskResult) -> None:
         with self._lock:
-            waiter = self._waiting.pop(job.id, None)
+            waiter = self._waiting.pop(task.id, None)
         if waiter is None:
             return  # the request gave up (timeout); drop the result
         loop, fut = waiter
@@ -135,14 +148,9 @@ class EmbeddedDispatcher:
     async def start(self) -> None:
         def main() -> None:
             try:
-                if self.warmup:
-                    self.worker.warmup()
-                else:
-                    for i in range(self.worker.state.levels):
-                        self.worker.state.ready[i] = True
+                self.worker.prepare(self.warmup)
             except Exception as e:
                 log.exception("warm-up failed")
-                self.worker.state.error = str(e)
                 if self.on_fatal is not None:
                     self.on_fatal(e)
                 return
@@ -164,17 +172,17 @@ class EmbeddedDispatcher:
         alive = self._thread is not None and self._thread.is_alive()
         return FleetStatus(int(alive), list(st.loaded), list(st.ready), st.error)
 
-    async def submit(self, job: Job, timeout_s: float) -> JobResult:
+    async def submit(self, task: Task, timeout_s: float) -> TaskResult:
         if self._thread is None or not self._thread.is_alive():
             raise NoWorkerError(self.worker.state.error or "the worker is not running")
         if self.source.outstanding() >= self.max_queue:
             raise QueueFullError()
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[JobResult] = loop.create_future()
-        self.source.put(job, loop, fut)
+        fut: asyncio.Future[TaskResult] = loop.create_future()
+        self.source.put(task, loop, fut)
         m.QUEUE_DEPTH.set(self.source.outstanding())
         try:
             return await asyncio.wait_for(fut, timeout_s)
         finally:
-            self.source.forget(job.id)
+            self.source.forget(task.id)
             m.QUEUE_DEPTH.set(self.source.outstanding())

@@ -1,4 +1,4 @@
-"""The ``rdserve`` console script: offline commands from ``models.cli`` plus serve and worker."""
+"""The service commands: `rdserve serve` (the HTTP API) and `rdserve worker` (one per GPU)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,20 @@ from typing import Annotated, Any
 import typer
 
 from app import logs
+from app.cli.ui import ModelsOpt, err, fail, user_errors
 from app.settings import Settings
-from models.cli import cli, err, user_errors
+
+ArtifactOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="projection artifact (default: the chain's, fitted if missing) [RDSERVE_ARTIFACT]"
+    ),
+]
+FamilyOpt = Annotated[str | None, typer.Option(help="model family of the chain [RDSERVE_FAMILY]")]
+DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N, auto [RDSERVE_DEVICE]")]
+DtypeOpt = Annotated[
+    str | None, typer.Option(help="auto, float32, bfloat16, float16 [RDSERVE_DTYPE]")
+]
 
 
 def _settings(**overrides: Any) -> Settings:
@@ -26,30 +38,26 @@ def _stop_server(e: Exception) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-@cli.command()
 def serve(
-    artifact: Annotated[
-        Path | None,
-        typer.Option(help="projection artifact (default: fit/reuse the default chain's)"),
-    ] = None,
+    artifact: ArtifactOpt = None,
     host: Annotated[str | None, typer.Option(help="bind address [RDSERVE_HOST]")] = None,
     port: Annotated[int | None, typer.Option(help="port [RDSERVE_PORT]")] = None,
     redis_url: Annotated[
-        str | None, typer.Option(help="distributed mode: jobs and cache in Redis")
+        str | None, typer.Option(help="distributed mode: tasks and cache in Redis")
     ] = None,
     api_key_file: Annotated[
         Path | None, typer.Option(help="file with one API key per line")
     ] = None,
-    models: Annotated[str | None, typer.Option(help="default chain / local model dirs")] = None,
-    family: Annotated[str | None, typer.Option(help="family of the default chain")] = None,
-    device: Annotated[str | None, typer.Option(help="embedded worker device")] = None,
-    dtype: Annotated[str | None, typer.Option()] = None,
+    models: ModelsOpt = None,
+    family: FamilyOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
 ) -> None:
     """Run the HTTP API (embedded worker; or distributed with --redis-url)."""
     import uvicorn
 
     from app.bootstrap import distributed_service, embedded_service, load_served_artifact
-    from app.server import create_app
+    from app.http.app import create_app
 
     s = _settings(
         artifact=artifact,
@@ -83,28 +91,29 @@ def serve(
     )
 
 
-@cli.command()
 def worker(
-    artifact: Annotated[Path | None, typer.Option(help="projection artifact")] = None,
+    artifact: ArtifactOpt = None,
     redis_url: Annotated[str | None, typer.Option(help="Redis URL [RDSERVE_REDIS_URL]")] = None,
-    models: Annotated[
-        str | None, typer.Option(help="override the artifact's model ids (e.g. local dirs)")
-    ] = None,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N, auto")] = None,
-    dtype: Annotated[str | None, typer.Option()] = None,
+    models: ModelsOpt = None,
+    family: FamilyOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
     worker_id: Annotated[str | None, typer.Option(help="consumer name (default host-pid)")] = None,
     metrics_port: Annotated[int | None, typer.Option(help="Prometheus port (0: off)")] = None,
 ) -> None:
-    """Run a worker: consume jobs from Redis, run the chain, reply (one per GPU)."""
+    """Run a worker: consume tasks from Redis, run the chain, reply (one per GPU)."""
     import redis
 
-    from app.bootstrap import build_embedder, build_worker, load_served_artifact
-    from app.streams import Heartbeat, RedisJobSource, default_worker_id
-    from app.worker_server import serve_worker_http
+    from app.bootstrap import load_served_artifact, make_embedder, make_worker
+    from app.http.worker_endpoint import serve_worker_http
+    from app.transport.consumer import Heartbeat, RedisTaskSource
+    from app.transport.keys import default_worker_id
 
     s = _settings(
         artifact=artifact,
         redis_url=redis_url,
+        models=models,
+        family=family,
         device=device,
         dtype=dtype,
         worker_id=worker_id,
@@ -112,20 +121,20 @@ def worker(
     )
     logs.configure(s.log_level)
     if not s.redis_url:
-        raise typer.Exit(_fail("a worker needs --redis-url (or RDSERVE_REDIS_URL)"))
+        raise fail("a worker needs --redis-url (or RDSERVE_REDIS_URL)")
     name = s.worker_id or default_worker_id()
     with user_errors():
         art = load_served_artifact(s)
-        embedder = build_embedder(s, art, [x for x in models.split(",") if x] if models else None)
+        embedder = make_embedder(s, art)
     client = redis.Redis.from_url(s.redis_url, socket_timeout=30, health_check_interval=30)
-    source = RedisJobSource(client, s.redis_prefix, name, s.claim_idle_s, s.heartbeat_s)
-    w = build_worker(embedder, source, s, name)
+    source = RedisTaskSource(client, s.redis_prefix, name, s.claim_idle_s, s.heartbeat_s)
+    w = make_worker(embedder, source, s, name)
     if s.metrics_port:  # /metrics and a /health/live that fails when the loop stalls
         serve_worker_http(
             s.metrics_port, w.state, lambda: w.last_turn, stall_s=max(60.0, s.request_timeout_s)
         )
     beat = Heartbeat(
-        client, s.redis_prefix, w.state, art.sha256, str(embedder.family.device), s.heartbeat_s
+        client, s.redis_prefix, w.state, art.sha256, str(embedder.device), s.heartbeat_s
     )
     beat.start()
 
@@ -139,21 +148,8 @@ def worker(
         signal.signal(sig, on_signal)
     try:
         with user_errors():
-            if s.warmup:
-                w.warmup()
-            else:
-                w.state.ready = [True] * w.state.levels
-        err.print(f"worker {name} serving {art.name} on {embedder.family.device}")
+            w.prepare(s.warmup)
+        err.print(f"worker {name} serving {art.name} on {embedder.device}")
         w.run()
     finally:
         beat.stop()
-
-
-def _fail(message: str) -> int:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
-    return 2
-
-
-def main() -> None:
-    """Entry point of the ``rdserve`` console script."""
-    cli()

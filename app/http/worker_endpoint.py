@@ -14,8 +14,8 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 import orjson
 from prometheus_client import make_wsgi_app
 
+from app.core.worker import WorkerState
 from app.metrics import REGISTRY
-from app.worker import WorkerState
 
 StartResponse = Callable[[str, list[tuple[str, str]]], object]
 

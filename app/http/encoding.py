@@ -5,16 +5,17 @@ from __future__ import annotations
 import base64
 import io
 
-import numpy as np
 import orjson
 from starlette.responses import Response
 
-from app.schemas import EmbeddingRequest
-from app.service import Outcome
+from app.core.service import Outcome
+from app.http.schemas import EmbeddingRequest
 from models.artifact import Artifact
-from models.npz import write_npz
+from models.formats import write_npy, write_npz
+from models.sequences import Handling, Pooling
 
 NPY = "application/x-npy"
+NPZ = "application/x-npz"
 
 
 def wants_npy(accept: str | None) -> bool:
@@ -37,8 +38,8 @@ def json_body(req: EmbeddingRequest, out: Outcome, art: Artifact) -> Response:
                 "index": i,
                 "embedding": emb,
                 "id": id_,
-                "truncated": it.handling == "truncated",
-                "chunked": it.handling == "chunked",
+                "truncated": it.handling == Handling.truncated,
+                "chunked": it.handling == Handling.chunked,
                 "cached": it.tier == "full_hit",
                 "cache": it.tier,
                 "residues": it.residues,
@@ -52,7 +53,7 @@ def json_body(req: EmbeddingRequest, out: Outcome, art: Artifact) -> Response:
         "levels": [lv.name for lv in art.levels[: out.stop + 1]],
         "artifact_sha256": art.sha256,
         "dimensions": out.k,
-        "pooling": str(req.pooling),
+        "pooling": req.pooling.value,
         "data": data,
         "usage": {"prompt_tokens": residues, "total_tokens": residues},
     }
@@ -63,14 +64,13 @@ def json_body(req: EmbeddingRequest, out: Outcome, art: Artifact) -> Response:
 
 def binary_body(req: EmbeddingRequest, out: Outcome, art: Artifact) -> Response:
     """.npy (N×k) for pooled output, .npz keyed by id (or index) for per-residue output."""
-    dtype = np.dtype(req.dtype).newbyteorder("<")
     buf = io.BytesIO()
-    if req.pooling == "per_residue":
+    if req.pooling == Pooling.per_residue:
         names = req.ids or [str(i) for i in range(len(out.items))]
-        write_npz(buf, {n: it.vector.astype(dtype) for n, it in zip(names, out.items, strict=True)})
-        media, ext = "application/x-npz", "npz"
+        write_npz(buf, {n: it.vector for n, it in zip(names, out.items, strict=True)}, req.dtype)
+        media, ext = NPZ, "npz"
     else:
-        np.save(buf, np.stack([it.vector for it in out.items]).astype(dtype))
+        write_npy(buf, [it.vector for it in out.items], req.dtype)
         media, ext = NPY, "npy"
     headers = {
         "X-Rdserve-Model": art.name,
@@ -78,7 +78,9 @@ def binary_body(req: EmbeddingRequest, out: Outcome, art: Artifact) -> Response:
         "X-Rdserve-Levels": ",".join(lv.name for lv in art.levels[: out.stop + 1]),
         "X-Rdserve-Artifact-Sha256": art.sha256,
         "X-Rdserve-Cache": ",".join(it.tier for it in out.items),
-        "X-Rdserve-Truncated": ",".join(str(int(it.handling == "truncated")) for it in out.items),
+        "X-Rdserve-Truncated": ",".join(
+            str(int(it.handling == Handling.truncated)) for it in out.items
+        ),
         "Content-Disposition": f'attachment; filename="embeddings.{ext}"',
     }
     return Response(buf.getvalue(), media_type=media, headers=headers)
