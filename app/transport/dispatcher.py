@@ -94,7 +94,7 @@ class RedisDispatcher:
         self._depth = 0
         self._run_id: str | None = None  # identity of the Redis server our tasks are queued in
         self._restarts = 0  # Redis restarts (run_id changes) seen
-        # Workers seen in the last fleet check: consumer → (heartbeat, monotonic expiry of it).
+        # Workers seen running: consumer → (heartbeat, when it would expire unrenewed; monotonic).
         self._seen: dict[str, tuple[dict, float]] = {}
         # After a Redis restart, those workers count until then (their heartbeats come back).
         self._presumed: dict[str, tuple[dict, float]] = {}
@@ -269,7 +269,9 @@ class RedisDispatcher:
             if hb.get("running"):
                 ttl = 3 * float(hb.get("period_s", DEFAULT_PERIOD_S))
                 seen[hb.get("consumer", hb["id"])] = (hb, now + ttl)
-        self._seen = seen
+        # Sightings are kept until they expire (not replaced): a refresh that raced a restart
+        # and found the new, empty Redis must not erase what the restart check snapshots.
+        self._seen = {c: v for c, v in self._seen.items() if v[1] > now} | seen
         self._presumed = {c: v for c, v in self._presumed.items() if v[1] > now and c not in seen}
         st = self._aggregate(
             [hb for hb, _ in seen.values()] + [hb for hb, _ in self._presumed.values()], mine
