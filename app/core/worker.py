@@ -264,8 +264,8 @@ class _Turn:
             return False
         try:
             gone = self.w.source.withdrawn([self.live[j] for j in open_])
-        except Exception:  # cannot tell: keep computing
-            log.warning("withdrawal check failed", exc_info=True)
+        except Exception as e:  # noqa: BLE001 — cannot tell (Redis restarting?): keep computing
+            log.warning("withdrawal check failed", extra={"error": repr(e)})
             gone = set()
         now, changed = time.time(), False
         for j in open_:
