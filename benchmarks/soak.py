@@ -616,9 +616,9 @@ def rss_summary(
     idle: dict[str, float | None],
     warm_t: float,
 ) -> dict[str, dict[str, float | None]]:
-    """Per process: idle (before load), after warm-up (or its first samples, if it started
-    later) and at its end (its last samples: the run's, or before it stopped), as window
-    medians; growth between them."""
+    """Per process: idle (before load), after warm-up and at its end (its last samples: the
+    run's, or before it stopped), as window medians; growth between them. A process started
+    during the run (a restarted worker) was loading at its first samples: no growth for it."""
     out = {}
     names = list(dict.fromkeys(n for _, smp in samples for n in smp))
     for name in names:
@@ -630,11 +630,11 @@ def rss_summary(
             vals = [x for t, x in series if t1 - RSS_WINDOW_S <= t <= t1]
             return statistics.median(vals) if vals else None
 
-        start = max(warm_t, series[0][0] + RSS_WINDOW_S)
-        warm, end = window(start), window(series[-1][0])
-        after = [(t, x) for t, x in series if t >= start]
+        from_start = series[0][0] <= 1.0  # else started during the run
+        warm, end = (window(warm_t) if from_start else None), window(series[-1][0])
+        after = [(t, x) for t, x in series if t >= (warm_t if from_start else series[0][0])]
         slope = None
-        if len(after) >= 3:
+        if warm is not None and len(after) >= 3:
             slope = float(np.polyfit([t for t, _ in after], [x for _, x in after], 1)[0]) * 60
         out[name] = {
             "idle_mb": idle.get(name),
