@@ -267,20 +267,22 @@ class _Turn:
         except Exception as e:  # noqa: BLE001 — cannot tell (Redis restarting?): keep computing
             log.warning("withdrawal check failed", extra={"error": repr(e)})
             gone = set()
-        now, changed = time.time(), False
+        now, dropped = time.time(), 0
         for j in open_:
             task = self.live[j]
             if task.id in gone:
-                self.closed[j] = changed = True
                 m.TASKS_SKIPPED.labels("withdrawn").inc()
                 self.w.source.skip(task)
             elif task.deadline < now:
-                self.closed[j] = changed = True
                 m.TASKS_SKIPPED.labels("deadline").inc()
                 self.w._answer(task, _timed_out(task))
-        if changed:
-            log.info("dropped tasks nobody waits for", extra={"tasks": sum(self.closed)})
-        return changed
+            else:
+                continue
+            self.closed[j] = True
+            dropped += 1
+        if dropped:
+            log.info("dropped tasks nobody waits for", extra={"tasks": dropped})
+        return dropped > 0
 
     def _compute(self, key: Segment) -> bool:
         """Run the group's open items; True when it stopped early to plan again."""
