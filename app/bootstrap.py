@@ -134,6 +134,8 @@ def embedded_service(
 def distributed_service(settings: Settings, artifact: Artifact) -> EmbeddingService:
     """API only: tasks over Redis Streams to `rdserve worker` processes; cache in Redis."""
     import redis.asyncio as aioredis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
 
     from app.transport.dispatcher import RedisDispatcher
 
@@ -149,6 +151,10 @@ def distributed_service(settings: Settings, artifact: Artifact) -> EmbeddingServ
             socket_timeout=10,
             socket_connect_timeout=2,  # an unreachable Redis answers 503 quickly, not in 10 s
             health_check_interval=30,
+            # A pooled connection that a Redis restart closed fails once, then reconnects: a
+            # request must not get a false 503 for it.
+            retry=Retry(NoBackoff(), 1),
+            **settings.redis_auth(),
         )
     )
     # The cache gets its own pool with short timeouts: a slow Redis must not stall requests.
@@ -159,6 +165,8 @@ def distributed_service(settings: Settings, artifact: Artifact) -> EmbeddingServ
             timeout=1.0,
             socket_timeout=1.0,
             socket_connect_timeout=1.0,
+            retry=Retry(NoBackoff(), 1),
+            **settings.redis_auth(),
         )
     )
     dispatcher = RedisDispatcher(

@@ -134,6 +134,22 @@ REPLIES_DISCARDED = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+TASKS_SKIPPED = Counter(
+    "rdserve_tasks_skipped",
+    "Tasks a worker dropped unfinished: withdrawn (their request gave up) or deadline (expired).",
+    ["reason"],
+    registry=REGISTRY,
+)
+REPLIES_FAILED = Counter(
+    "rdserve_replies_failed",
+    "Results a worker could not write to Redis (e.g. OOM at maxmemory); answered with an error.",
+    registry=REGISTRY,
+)
+REPLIES_LOST = Counter(
+    "rdserve_replies_lost",
+    "Requests failed with 503 because their task was gone from the queue and no reply came.",
+    registry=REGISTRY,
+)
 ARTIFACT = Info("rdserve_artifact", "The projection artifact being served.", registry=REGISTRY)
 
 

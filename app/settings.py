@@ -96,8 +96,16 @@ class Settings(BaseSettings):
     redis_max_connections: int = Field(
         64, ge=2, description="API's Redis connections per pool; more requests wait for one."
     )
+    redis_username: str | None = Field(
+        None, description="Redis ACL user of this process (unless the URL names one)."
+    )
+    redis_password_file: Path | None = Field(
+        None, description="File with the Redis password of this process (both Redis URLs)."
+    )
     worker_id: str | None = Field(
-        None, description="Worker name in the consumer group (default host-pid)."
+        None,
+        description="Worker name (default host-pid); each start adds a nonce to it, so a "
+        "restart under the same name is a new consumer.",
     )
     heartbeat_s: float = Field(2.0, gt=0, description="Worker heartbeat period.")
     claim_idle_s: float = Field(
@@ -107,7 +115,24 @@ class Settings(BaseSettings):
     # HTTP
     host: str = Field("127.0.0.1", description="Bind address of the API.")
     port: int = Field(8000, ge=0, le=65535, description="Port of the API.")
-    metrics_port: int = Field(9100, ge=0, le=65535, description="Worker /metrics port (0: off).")
+    metrics_port: int = Field(
+        9100, ge=0, le=65535, description="Worker /metrics and /health/live port (0: off)."
+    )
+    metrics_host: str = Field(
+        "127.0.0.1", description="Bind address of the worker's /metrics and /health/live."
+    )
+    http_header_timeout_s: float = Field(
+        10.0, gt=0, description="Longest a client may take to send a request's headers (408)."
+    )
+    http_body_timeout_s: float = Field(
+        30.0, gt=0, description="Longest pause while a client sends a request body (closed)."
+    )
+    http_keep_alive_s: float = Field(
+        5.0, gt=0, description="Idle keep-alive connections are closed after this long."
+    )
+    http_max_connections: int = Field(
+        1024, ge=1, description="Most open client connections of the API; more get 503 at once."
+    )
     api_keys: SecretStr | None = Field(
         None, description="Comma-separated API keys (auth off if unset)."
     )
@@ -160,3 +185,23 @@ class Settings(BaseSettings):
         if configured and not keys:
             raise ValueError("API keys were configured but none were found (empty key list)")
         return keys
+
+    def redis_auth(self) -> dict[str, str]:
+        """Redis client credentials (``username``, ``password``: the password file's first line,
+        trimmed, as docker/redis-start.sh reads it); a URL that carries its own wins.
+
+        Raises ValueError when the password file cannot be read or holds no password.
+        """
+        auth = {}
+        if self.redis_username:
+            auth["username"] = self.redis_username
+        if self.redis_password_file is not None:
+            path = self.redis_password_file
+            try:
+                lines = path.read_text().splitlines()
+            except OSError as e:
+                raise ValueError(f"redis_password_file: cannot read {path}: {e}") from None
+            if not lines or not lines[0].strip():
+                raise ValueError(f"redis_password_file: {path} holds no password")
+            auth["password"] = lines[0].strip()
+        return auth

@@ -1,13 +1,16 @@
-"""Soak: the distributed service under mixed, checked load for a bounded time.
+"""Soak: the distributed service under mixed, checked load for a bounded time, with faults.
 
-The API, one worker and a private redis-server run as real processes on loopback.  N clients,
+An API, two workers and a private redis-server (the shipped ACL users) run as real processes on
+loopback; with the fault events (the default), a second API and two workers serve the next
+artifact on the same Redis and prefix, a worker is killed and restarted under its id, and the
+clients move to the new artifact's API mid-run while the old API drains.  N clients,
 each on its own keep-alive connection, loop over request kinds drawn at random with a fixed seed
 (pooled and per-residue, duplicates, cache hits, base64, .npy/.npz, invalid sequences and other
 invalid requests), and every response is checked against its request: status, error param,
 order and ``index``, residues, shapes, and values against embeddings computed once in-process by
 the same Embedder the worker builds.  The RSS of every server process is sampled each second.
 
-    python -m benchmarks.soak [--clients 50 --duration 60]    # or: benchmarks/run soak
+    python -m benchmarks.soak [--clients 50 --duration 60] [--no-events]   # or: benchmarks/run soak
 """
 
 from __future__ import annotations
@@ -15,13 +18,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import io
 import os
 import random
+import signal
 import statistics
 import sys
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,19 +42,20 @@ import redis
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a plain script
 
 from app.http.encoding import NPY
-from app.transport.keys import GROUP, tasks_key
+from app.transport.keys import GROUP, text
 from benchmarks import loadgen
 from benchmarks.common import (
     CACHE,
     RESULTS,
+    process_cpu_s,
     process_rss_mb,
     procs,
     save,
     tiny_esm2,
     uniref,
 )
-from benchmarks.service import Server, pct, served_artifact
-from models.artifact import Artifact, load_artifact
+from benchmarks.service import pct, served_artifact
+from models.artifact import Artifact, load_artifact, save_artifact
 from models.sequences import LongSequencePolicy, Pooling
 
 #: The first 20 % of the run is warm-up (same traffic): RSS growth is measured from its end.
@@ -500,13 +507,32 @@ class Stats:
             s.max_err_over_tol = max(s.max_err_over_tol, v.max_err_over_tol)
 
 
-async def client(idx: int, url: str, pool: Pool, stats: Stats, deadline: float, seed: int) -> None:
-    """One closed-loop client on its own keep-alive connection, reconnecting after a failure."""
+@dataclass
+class Target:
+    """Where clients send now: an API's endpoint and the pool its answers are checked against
+    (a rolling change of artifact moves every client to the new API; ``version`` counts moves)."""
+
+    url: str
+    pool: Pool
+    version: int = 0
+
+    def move(self, url: str, pool: Pool) -> None:
+        self.url, self.pool, self.version = url, pool, self.version + 1
+
+
+async def client(idx: int, target: Target, stats: Stats, deadline: float, seed: int) -> None:
+    """One closed-loop client on its own keep-alive connection, reconnecting after a failure
+    and when the target moves (as a load balancer drains the old API)."""
     rng = random.Random(seed * 1_000_003 + idx)
     names, weights = list(KINDS), [w for w, _ in KINDS.values()]
     conn: loadgen.Connection | None = None
+    version = target.version
     n = 0
     while time.perf_counter() < deadline:
+        if target.version != version and conn is not None:
+            conn.close()
+            conn = None
+        version, url, pool = target.version, target.url, target.pool
         # Client i opens with kind i: with at least as many clients as kinds, every kind is
         # sent (and checked) even in a short run; then kinds are drawn by weight.
         kind = names[idx % len(names)] if n == 0 else rng.choices(names, weights)[0]
@@ -544,19 +570,31 @@ async def client(idx: int, url: str, pool: Pool, stats: Stats, deadline: float, 
 
 
 class RssSampler(threading.Thread):
-    """VmRSS of each process (and Redis's used_memory) once a second, in a thread of its own so
-    a busy event loop cannot delay the samples."""
+    """VmRSS and CPU time of each process (and Redis's used_memory) once a second, in a thread of
+    its own so a busy event loop cannot delay the samples. Processes may join (``add``) and
+    leave (they stop being sampled once gone)."""
 
-    def __init__(self, pids: dict[str, int], redis_url: str, period: float = 1.0) -> None:
+    def __init__(self, pids: dict[str, int], redis: Any, period: float = 1.0) -> None:
         super().__init__(daemon=True)
-        self.pids, self.period = pids, period
-        self.redis = redis.Redis.from_url(redis_url)
+        self.pids, self.period = dict(pids), period
+        self.redis = redis
         self.samples: list[tuple[float, dict[str, float | None]]] = []
+        self.cpu: dict[str, float] = {}  # last CPU seconds seen per process
         self.t0 = time.perf_counter()
         self._done = threading.Event()
+        self._lock = threading.Lock()
+
+    def add(self, name: str, pid: int) -> None:
+        with self._lock:
+            self.pids[name] = pid
 
     def sample(self) -> dict[str, float | None]:
-        out = {name: process_rss_mb(pid) for name, pid in self.pids.items()}
+        with self._lock:
+            pids = dict(self.pids)
+        out = {name: process_rss_mb(pid) for name, pid in pids.items()}
+        for name, pid in pids.items():
+            with contextlib.suppress(OSError):
+                self.cpu[name] = process_cpu_s(pid)
         try:
             out["redis_used_memory"] = self.redis.info("memory")["used_memory"] / 2**20
         except redis.RedisError:
@@ -571,33 +609,38 @@ class RssSampler(threading.Thread):
     def stop(self) -> None:
         self._done.set()
         self.join()
-        self.redis.close()
 
 
 def rss_summary(
     samples: list[tuple[float, dict[str, float | None]]],
     idle: dict[str, float | None],
     warm_t: float,
-    end_t: float,
 ) -> dict[str, dict[str, float | None]]:
-    """Per process: idle (before load), after warm-up and at the end (window medians), growth."""
+    """Per process: idle (before load), after warm-up and at its end (its last samples: the
+    run's, or before it stopped), as window medians; growth between them. A process started
+    during the run (a restarted worker) was loading at its first samples: no growth for it."""
     out = {}
-    for name in idle:
+    names = list(dict.fromkeys(n for _, smp in samples for n in smp))
+    for name in names:
         series = [(t, s[name]) for t, s in samples if s.get(name) is not None]
+        if not series:
+            continue
 
         def window(t1: float, series: list = series) -> float | None:
             vals = [x for t, x in series if t1 - RSS_WINDOW_S <= t <= t1]
             return statistics.median(vals) if vals else None
 
-        warm, end = window(warm_t), window(end_t)
-        after = [(t, x) for t, x in series if t >= warm_t]
+        from_start = series[0][0] <= 1.0  # else started during the run
+        warm, end = (window(warm_t) if from_start else None), window(series[-1][0])
+        after = [(t, x) for t, x in series if t >= (warm_t if from_start else series[0][0])]
         slope = None
-        if len(after) >= 3:
+        if warm is not None and len(after) >= 3:
             slope = float(np.polyfit([t for t, _ in after], [x for _, x in after], 1)[0]) * 60
         out[name] = {
-            "idle_mb": idle[name],
+            "idle_mb": idle.get(name),
             "after_warmup_mb": warm,
             "end_mb": end,
+            "alive_s": [round(series[0][0], 1), round(series[-1][0], 1)],
             "peak_after_warmup_mb": max((x for _, x in after), default=None),
             "growth_pct": 100 * (end - warm) / warm if warm and end else None,
             "slope_mb_per_min": slope,
@@ -649,6 +692,108 @@ def _log_errors(proc: procs.Proc) -> list[str]:
     ]
 
 
+#: Fault events, at these fractions of the load's duration.
+RESTART_AT = 0.35  # SIGKILL worker a1, start it again at once under the same --worker-id
+CHANGE_AT = 0.6  # rolling change of artifact: clients move to API B, API A drains, a1 a2 stop
+#: How long after moving the clients the old API gets its SIGTERM (a load balancer's drain).
+MOVE_GRACE_S = 0.5
+
+
+class Fleet:
+    """The processes of a run: a private Redis with the shipped ACL users (or an external one),
+    API A with workers a1, a2 (the first artifact) and, for a change of artifact, API B with
+    b1, b2 (the next), on one Redis and prefix. Logs under ``logs``."""
+
+    def __init__(self, logs: Path, redis_url: str | None) -> None:
+        from tests.harness import SecuredRedis, cluster_env
+
+        self.logs, self.prefix = logs, f"rdserve-soak-{uuid.uuid4().hex[:8]}"
+        # A private Redis by default: other test runs share 127.0.0.1:6379 (their load and any
+        # restart or flush would land in this measurement), and stopping it leaves nothing.
+        self.private = SecuredRedis(logs, self.prefix).start() if redis_url is None else None
+        self.url = self.private.url if self.private is not None else redis_url
+        assert self.url is not None
+        self.redis = self.private.client() if self.private else redis.Redis.from_url(self.url)
+        self._env = cluster_env
+        self.clusters: dict[str, Any] = {}
+        self.stopped: dict[str, int] = {}  # processes stopped on purpose → exit status
+
+    def start(self, name: str, artifact: Path, workers: int) -> Any:
+        """API ``name`` and its workers (<name>1, <name>2, …), serving ``artifact``."""
+        from tests.harness import Cluster
+
+        env = self._env(
+            self.url,
+            artifact,
+            self.prefix,
+            RDSERVE_LOG_LEVEL="warning",
+            RDSERVE_MAX_QUEUE="4096",
+            RDSERVE_HEARTBEAT_S="2",  # the default: a dead worker is noticed after 6 s
+        )
+        (self.logs / name).mkdir(exist_ok=True)
+        roles = self.private.role_env if self.private is not None else None
+        c = Cluster(env, self.logs / name, roles)
+        for i in range(workers):
+            c.worker(f"{name}{i + 1}")
+        self.clusters[name] = c
+        return c
+
+    def processes(self) -> dict[str, procs.Proc]:
+        out = {}
+        for name, c in self.clusters.items():
+            out[f"api-{name}"] = c.api
+            out.update(c.workers)
+        return out
+
+    def close(self) -> None:
+        for c in self.clusters.values():
+            c.close()
+        self.redis.close()
+        if self.private is not None:
+            self.private.stop()
+        else:
+            procs.clear_prefix(self.url, self.prefix)
+
+
+def run_events(
+    fleet: Fleet,
+    target: Target,
+    pool_b: Pool,
+    t0: float,
+    duration: float,
+    sampler: RssSampler,
+    events: list[dict[str, Any]],
+) -> None:
+    """The fault events of a run, at their times (a thread beside the load)."""
+
+    def at(fraction: float) -> None:
+        time.sleep(max(0.0, t0 + fraction * duration - time.perf_counter()))
+
+    def note(event: str, **extra: Any) -> None:
+        events.append({"t": round(time.perf_counter() - t0, 2), "event": event, **extra})
+
+    a, b = fleet.clusters["a"], fleet.clusters["b"]
+    at(RESTART_AT)
+    old = a.workers["a1"]
+    fleet.stopped["a1 (killed)"] = -signal.SIGKILL
+    new = a.restart_worker("a1")
+    sampler.add("a1 (restarted)", new.p.pid)
+    note("SIGKILL a1, restarted at once under the same worker id", old_pid=old.p.pid)
+    at(CHANGE_AT)
+    target.move(f"{b.base}/v1/embeddings", pool_b)
+    note("clients moved to API b (artifact b)")
+    time.sleep(MOVE_GRACE_S)
+    counters = api_counters(a.base)
+    a.api.signal(signal.SIGTERM)
+    fleet.stopped["api-a"] = a.api.wait(60)
+    note("API a stopped (SIGTERM, drained)", exit=fleet.stopped["api-a"], api_counters=counters)
+    for name in ("a1", "a2"):
+        a.workers[name].signal(signal.SIGTERM)
+    for name in ("a1", "a2"):
+        fleet.stopped[name] = a.workers[name].wait(60)
+    note("workers a1, a2 stopped (SIGTERM)", exits=[fleet.stopped["a1"], fleet.stopped["a2"]])
+
+
 def soak(
     artifact: Path,
     clients: int = 50,
@@ -658,76 +803,111 @@ def soak(
     per_residue_pool: int = 600,
     logs: Path | None = None,
     redis_url: str | None = None,
+    next_artifact: Path | None = None,
+    next_workers: int = 2,
 ) -> dict[str, Any]:
-    """Start Redis (a private one unless redis_url), the API and one worker; load; tear down.
+    """Start Redis (a private one unless redis_url), API a and workers a1, a2; load; tear down.
 
-    Returns counts by kind and status, failure examples, latencies, throughput, RSS, and the
-    state of the processes, their logs and the job stream after the load.
+    With ``next_artifact``, the fault events run too: API b and workers b1 … (``next_workers``)
+    serving it start
+    before the load (on the same Redis and prefix, idle beside a's); at RESTART_AT worker a1 is
+    killed and restarted under the same id; at CHANGE_AT the clients move to API b, API a
+    drains and a's workers stop — every answer checked against its own artifact's references.
+
+    Returns counts by kind and status, failure examples, latencies, throughput, RSS, the
+    events, and the state of the processes, their logs and the task streams after the load.
     """
     logs = logs or CACHE / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     t_setup = time.perf_counter()
-    pool = build_pool(artifact, pool_size, min(per_residue_pool, pool_size), seed)
-    # A private Redis by default: other test runs share 127.0.0.1:6379 (their load and any
-    # restart or flush would land in this measurement), and stopping it leaves nothing behind.
-    private = procs.RedisServer(logs).start() if redis_url is None else None
-    url = private.url if private is not None else redis_url
-    assert url is not None
-    srv = None
+    per_residue_pool = min(per_residue_pool, pool_size)
+    pool = build_pool(artifact, pool_size, per_residue_pool, seed)
+    pool_b = build_pool(next_artifact, pool_size, per_residue_pool, seed) if next_artifact else None
+    fleet = Fleet(logs, redis_url)
+    events: list[dict[str, Any]] = []
     try:
-        srv = Server("distributed", artifact, None, logs, redis_url=url)
-        worker, api = srv.procs
-        pids = {"api": api.p.pid, "worker": worker.p.pid}
-        if private is not None and private.proc is not None:
-            pids["redis"] = private.proc.pid
+        fleet.start("a", artifact, 2)
+        if next_artifact is not None:
+            fleet.start("b", next_artifact, next_workers)
+        for c in fleet.clusters.values():
+            c.wait_workers(len(c.workers), timeout=300)
+        pids = {name: p.p.pid for name, p in fleet.processes().items()}
+        if fleet.private is not None and fleet.private.proc is not None:
+            pids["redis"] = fleet.private.proc.pid
         info: dict[str, Any] = {"setup_s": time.perf_counter() - t_setup}
-        sampler = RssSampler(pids, url)
+        sampler = RssSampler(pids, fleet.redis)
         idle = sampler.sample()
-        cpu0, client0, busy0 = srv.cpu_s(), time.process_time(), machine_busy_s()
+        client0, busy0 = time.process_time(), machine_busy_s()
+        redis_cpu0 = _redis_cpu(fleet.redis)
+        cpu0 = dict(sampler.cpu)
         stats = Stats(time.perf_counter())
         sampler.t0 = stats.t0
         sampler.start()
+        target = Target(f"{fleet.clusters['a'].base}/v1/embeddings", pool)
+        faults = None
+        if pool_b is not None:
+            faults = threading.Thread(
+                target=run_events,
+                args=(fleet, target, pool_b, stats.t0, duration, sampler, events),
+                daemon=True,
+            )
+            faults.start()
 
         async def load() -> None:
             deadline = stats.t0 + duration
-            endpoint = f"{srv.base}/v1/embeddings"
             await asyncio.gather(
-                *(client(i, endpoint, pool, stats, deadline, seed) for i in range(clients))
+                *(client(i, target, stats, deadline, seed) for i in range(clients))
             )
 
         try:
             with loadgen.frozen_heap():
                 asyncio.run(load())
         finally:
+            if faults is not None:
+                faults.join(120)
             sampler.stop()
         wall = time.perf_counter() - stats.t0
-        cpu = {n: v - cpu0[n] for n, v in srv.cpu_s().items()}
+        cpu = {n: v - cpu0.get(n, 0.0) for n, v in sampler.cpu.items()}
+        cpu["redis"] = _redis_cpu(fleet.redis) - redis_cpu0
         cpu["client"] = time.process_time() - client0
         # CPU that anything else on the machine took from these two cores: the context of every
         # timing here (a busy neighbour slows the worker's forward a lot, docs/performance.md).
         cpu["other processes"] = max(0.0, machine_busy_s() - busy0 - sum(cpu.values()))
         info["cpu_s"] = cpu
+        info["events"] = events
+        running = fleet.processes()
         info["crashed"] = {
-            name: p.p.returncode for name, p in (("api", api), ("worker", worker)) if not p.alive()
+            name: p.p.returncode
+            for name, p in running.items()
+            if not p.alive() and name not in fleet.stopped
         }
-        if api.alive():
-            info["ready_after"] = httpx.get(f"{srv.base}/health/ready", timeout=10).status_code
-            info["api_counters"] = api_counters(srv.base)
-        jobs = tasks_key(srv.prefix)
-        info["job_stream_after"] = {
-            "length": srv.redis.xlen(jobs),
-            "pending": srv.redis.xpending(jobs, GROUP)["pending"],
+        info["stopped"] = fleet.stopped
+        last = fleet.clusters["b" if pool_b is not None else "a"]
+        if last.api.alive():
+            info["ready_after"] = httpx.get(f"{last.base}/health/ready", timeout=10).status_code
+            info["api_counters"] = api_counters(last.base)
+        info["task_streams_after"] = {
+            text(k): {
+                "length": fleet.redis.xlen(k),
+                "pending": fleet.redis.xpending(k, GROUP)["pending"],
+            }
+            for k in fleet.redis.scan_iter(match=f"{fleet.prefix}:tasks:*")
         }
-        info["log_errors"] = {"api": _log_errors(api), "worker": _log_errors(worker)}
+        started = [p for c in fleet.clusters.values() for p in c.started]
+        info["log_errors"] = {
+            p.log.relative_to(logs).as_posix(): _log_errors(p)
+            for p in [*(c.api for c in fleet.clusters.values()), *started]
+        }
     finally:
-        if srv is not None:
-            srv.close()
-        if private is not None:
-            private.stop()
-    warm_t = WARMUP_FRACTION * duration
-    info["rss"] = rss_summary(sampler.samples, idle, warm_t, duration)
+        fleet.close()
+    info["rss"] = rss_summary(sampler.samples, idle, WARMUP_FRACTION * duration)
     info["rss_samples"] = [[round(t, 2), s] for t, s in sampler.samples]
-    return summarise(stats, wall, clients, duration, seed, pool, private is not None, info)
+    return summarise(stats, wall, clients, duration, seed, pool, fleet.private is not None, info)
+
+
+def _redis_cpu(r: Any) -> float:
+    info = r.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
 def summarise(
@@ -805,6 +985,21 @@ def default_artifact() -> Path:
     return served_artifact([str(tiny_esm2(h)) for h in (32, 48, 64)])[2]
 
 
+def next_artifact(artifact: Path) -> Path:
+    """Another artifact of the same chain (OLS on other sequences, so other values): what a
+    change of artifact serves next (fitted once, kept beside the first)."""
+    from models.families import build_chain
+    from models.fit import fit_artifact
+    from models.rd import Regressor
+
+    path = artifact.with_name(f"{artifact.stem}-next.safetensors")
+    if not path.exists():
+        art = load_artifact(artifact)
+        family = build_chain(art.family, levels=list(art.levels), device="cpu")
+        save_artifact(fit_artifact(family, uniref(40, max_len=400, seed=7), Regressor.ols), path)
+    return path
+
+
 def run(
     clients: int = 50,
     duration: float = 60.0,
@@ -812,13 +1007,15 @@ def run(
     pool_size: int = 4000,
     quick: bool = False,
 ) -> dict[str, Any]:
-    """The soak on the service benchmark's tiny chain (32 → 48 → 64, random weights).
+    """The soak, with its fault events, on the service benchmark's tiny chain (32 → 48 → 64,
+    random weights).
 
     Tiny on purpose: it exercises the service, not the model — at ~5 ms of compute per request
     the run makes thousands of requests through validation, cache, queue and reply routing,
     where the 8M → 35M chain would make a few hundred in the same minute.
     """
-    return soak(default_artifact(), clients, duration, seed, pool_size)
+    art = default_artifact()
+    return soak(art, clients, duration, seed, pool_size, next_artifact=next_artifact(art))
 
 
 QUICK = {"clients": 8, "duration": 5.0, "pool_size": 200}
@@ -837,10 +1034,13 @@ def _mb(x: float | None) -> str:
 def markdown(res: dict[str, Any]) -> str:
     c, t = res["config"], res["totals"]
     crashed = ", ".join(f"{n} (exit {rc})" for n, rc in res["crashed"].items()) or "none"
+    fleet = "APIs a, b + workers a1, a2, b1, b2" if res["events"] else "API + 2 workers"
     lines = [
-        f"**Soak** — distributed: API + 1 worker + {c['redis']}, chain {c['chain']} "
+        f"**Soak** — distributed: {fleet} + {c['redis']}, chain {c['chain']} "
         f"(max k {c['max_dimensions']}), {c['clients']} clients × {c['duration_s']:g} s, "
         f"seed {c['seed']}, {c['pool']} pool sequences",
+        "",
+        *(f"- t = {e['t']:.1f} s: {e['event']}" for e in res["events"]),
         "",
         "| requests | statuses | 5xx | lost | mismatched | requests/s | sequences/s | residues/s | crashed |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -890,7 +1090,7 @@ def markdown(res: dict[str, Any]) -> str:
         "API counters after the run: "
         + (", ".join(f"{n} {v:g}" for n, v in res.get("api_counters", {}).items()) or "–")
         + ".",
-        f"Job stream after the run: {res['job_stream_after']}; error log lines: {errs}; "
+        f"Task streams after the run: {res['task_streams_after']}; error log lines: {errs}; "
         f"/health/ready after: {res.get('ready_after')}; CPU s: "
         + ", ".join(f"{n} {v:.1f}" for n, v in res["cpu_s"].items()),
     ]
@@ -907,15 +1107,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--redis-url", help="an existing Redis (own key prefix) instead of a private one"
     )
+    ap.add_argument(
+        "--no-events", action="store_true", help="no worker restart, no change of artifact"
+    )
     ap.add_argument("--results-dir", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
+    art = args.artifact or default_artifact()
     res = soak(
-        args.artifact or default_artifact(),
+        art,
         args.clients,
         args.duration,
         args.seed,
         args.pool,
         redis_url=args.redis_url,
+        next_artifact=None if args.no_events else next_artifact(art),
     )
     cmd = "python -m benchmarks.soak " + " ".join(argv if argv is not None else sys.argv[1:])
     path = save("soak", res, cmd.strip(), args.results_dir)

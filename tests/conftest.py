@@ -43,6 +43,22 @@ def tiny_artifact(tmp_path_factory: pytest.TempPathFactory, tiny_esm_dirs, fit_s
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_artifact_b(tmp_path_factory: pytest.TempPathFactory, tiny_esm_dirs, fit_sequences) -> Path:
+    """Another artifact of the same tiny chain (OLS on a third of the sequences): what a rolling
+    change of artifact serves next."""
+    from models.artifact import save_artifact
+    from models.families import build_chain
+    from models.fit import fit_artifact
+    from models.rd import Regressor
+
+    family = build_chain("esm2", models=[str(p) for p in tiny_esm_dirs], device="cpu")
+    art = fit_artifact(family, fit_sequences[:40], Regressor.ols, token_budget=4096)
+    path = tmp_path_factory.mktemp("artifact-b") / "tiny-b.safetensors"
+    save_artifact(art, path)
+    return path
+
+
 @pytest.fixture
 def make_app(tiny_artifact):
     """Factory: (TestClient context, service) for an embedded app with settings overrides."""

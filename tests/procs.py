@@ -103,16 +103,27 @@ class RedisServer:
         self.log_dir = log_dir
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> RedisServer:
+    #: What a running server answers to PING (before any AUTH).
+    PONG = b"+PONG"
+
+    def argv(self) -> list[str]:
         argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
-        argv += ["--appendonly", "no", "--dir", str(self.log_dir)]
-        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        return [*argv, "--appendonly", "no", "--dir", str(self.log_dir)]
+
+    def env(self) -> dict[str, str] | None:
+        """The server process's environment (None: this process's)."""
+        return None
+
+    def start(self) -> RedisServer:
+        self.proc = subprocess.Popen(
+            self.argv(), env=self.env(), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+        )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as c:
                     c.sendall(b"PING\r\n")
-                    if c.recv(16).startswith(b"+PONG"):
+                    if c.recv(16).startswith(self.PONG):
                         return self
             except OSError:
                 time.sleep(0.05)

@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from app.config_doc import README, env_name, readme_block, settings_table
 from app.settings import Settings
 from tests.helpers import wait_ready
-from tests.procs import Proc, clear_prefix, free_port, rdserve, wait_http
+from tests.procs import Proc, free_port, rdserve, wait_http
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO.parent / "shared" / "schemas" / "compose-spec.json"
@@ -35,6 +35,8 @@ COMPOSE = REPO / "docker-compose.yml"
 DOCKER = REPO / "docker"
 DASHBOARD = DOCKER / "grafana" / "dashboards" / "rdserve.json"
 RDSERVE_SERVICES = ("api", "worker", "fit")
+# The two Redis services and their config files: the task queue and the embedding cache.
+REDIS_SERVICES = {"redis": "./docker/redis.conf", "redis-cache": "./docker/redis-cache.conf"}
 # Variables read by the image's scripts (docker/*), not by the Settings class.
 SCRIPT_VARS = {
     "RDSERVE_HEALTH_URL",
@@ -51,7 +53,11 @@ DEPLOYMENT_OVERRIDES = {
     "device",
     "port",
     "metrics_port",
+    "metrics_host",
     "api_keys",
+    "cache_redis_url",
+    "redis_username",
+    "redis_password_file",
 }
 # The panels the dashboard must have, by the series they query.
 DASHBOARD_MUST_QUERY = {
@@ -339,20 +345,43 @@ def test_compose_validates_against_the_spec(raw_compose, compose):
 
 def test_compose_services(compose):
     s = compose["services"]
-    assert set(s) >= {"redis", "api", "worker", "fit", "prometheus", "grafana"}
+    assert set(s) >= {"redis", "redis-cache", "api", "worker", "fit", "prometheus", "grafana"}
     assert {n: s[n].get("profiles") for n in s} == {
         "redis": None,
+        "redis-cache": None,
         "api": None,
         "worker": None,
         "fit": ["fit"],
         "prometheus": ["monitoring"],
         "grafana": ["monitoring"],
     }
-    # Redis: the repo's LRU/no-persistence config, a ping health check.
-    conf_target = next(t for t, src in mounts(s["redis"]).items() if src == "./docker/redis.conf")
-    assert s["redis"]["command"][:2] == ["redis-server", conf_target]
-    assert s["redis"]["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
-    assert "ports" not in s["redis"]
+    # Redis: the queue (never evicts) and the cache (LRU), each started by docker/redis-start.sh
+    # with its config, ACL users whose passwords are compose secrets (files), an authenticated
+    # ping health check, no published port.
+    secrets = compose["secrets"]
+    for name, conf in REDIS_SERVICES.items():
+        r, m = s[name], mounts(s[name])
+        start = next(t for t, src in m.items() if src == "./docker/redis-start.sh")
+        assert r["command"][:3] == ["sh", start, next(t for t, src in m.items() if src == conf)]
+        renv = env_of(r)
+        for var in ("REDIS_API_PASSWORD_FILE", "REDIS_WORKER_PASSWORD_FILE"):
+            if var in renv:
+                secret = Path(renv[var]).name
+                assert renv[var] == f"/run/secrets/{secret}" and secret in r["secrets"]
+        assert "REDIS_API_PASSWORD_FILE" in renv
+        test = r["healthcheck"]["test"]
+        assert test[0] == "CMD-SHELL" and "redis-cli --user" in test[1] and "PONG" in test[1]
+        assert "ports" not in r
+    assert "REDIS_WORKER_PASSWORD_FILE" not in env_of(s["redis-cache"])  # workers never use it
+    for secret in secrets.values():
+        assert secret["file"].startswith("./secrets/")  # files, git-ignored; no literal here
+    assert "/secrets/" in (REPO / ".gitignore").read_text().splitlines()
+    for name, role in (("api", "rdserve-api"), ("worker", "rdserve-worker")):
+        env = env_of(s[name])
+        assert env["RDSERVE_REDIS_USERNAME"] == role
+        secret = Path(env["RDSERVE_REDIS_PASSWORD_FILE"]).name
+        assert secret in s[name]["secrets"] and secret in secrets
+    assert urlsplit(env_of(s["api"])["RDSERVE_CACHE_REDIS_URL"]).hostname == "redis-cache"
     # One image for api, worker and fit, built from this repository.
     for name in RDSERVE_SERVICES:
         assert s[name]["image"] == s["api"]["image"] and s[name]["build"]["context"] == "."
@@ -366,6 +395,7 @@ def test_compose_services(compose):
     api_port = int(env_of(api).get("RDSERVE_PORT", Settings().port))
     assert [p.rsplit(":", 1)[1] for p in api["ports"]] == [str(api_port)]
     assert api["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert api["depends_on"]["redis-cache"]["condition"] == "service_healthy"
     assert scripts[api["healthcheck"]["test"][1]] == DOCKER / "healthcheck.py"
     # Worker: one GPU per replica, scalable (no fixed name, no host ports), metrics in-network.
     w = s["worker"]
@@ -573,8 +603,8 @@ def test_readme_operations_section():
 
 
 def containerize(value: str, tmp: Path) -> str:
-    """Map the container's /data and /cache paths into a temp dir."""
-    for root in ("/data", "/cache"):
+    """Map the container's /data, /cache and /run/secrets paths into a temp dir."""
+    for root in ("/data", "/cache", "/run/secrets"):
         if value == root or value.startswith(root + "/"):
             return str(tmp / value.lstrip("/"))
     return value
@@ -690,46 +720,70 @@ def run_healthcheck(compose: dict, name: str, env: dict[str, str]) -> subprocess
     )
 
 
+def wait_redis(r: redis.Redis, proc: Proc, timeout: float = 10) -> None:
+    """Until the server answers a PING (AuthenticationError when it refuses this client)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            r.ping()
+            return
+        except redis.AuthenticationError:  # a ConnectionError too: it answered
+            raise
+        except redis.ConnectionError:
+            assert proc.alive() and time.monotonic() < deadline, proc.output()
+            time.sleep(0.1)
+
+
 def test_compose_topology_runs_as_processes(compose, tiny_artifact, tmp_path):
     """redis + api + 2 workers with compose's commands and environment; requests through them."""
     s = compose["services"]
-    conf_target = next(t for t, src in mounts(s["redis"]).items() if src == "./docker/redis.conf")
-    conf_args = s["redis"]["command"][1:]
-    conf_args[conf_args.index(conf_target)] = str(DOCKER / "redis.conf")
-    conf_args[conf_args.index("--maxmemory") + 1] = "64mb"
-    rport = free_port()
-    redis_proc = Proc(
-        [
-            "redis-server",
-            *conf_args,
-            *("--port", str(rport), "--bind", "127.0.0.1", "--dir", str(tmp_path)),
-            *("--save", "", "--appendonly", "no", "--daemonize", "no"),
-        ],
-        {},
-        tmp_path / "redis.log",
-    )
-    redis_url = f"redis://127.0.0.1:{rport}/0"
+    secrets = tmp_path / "run" / "secrets"
+    secrets.mkdir(parents=True)
+    for name in compose["secrets"]:  # what `docker compose` mounts from ./secrets/
+        (secrets / name).write_text(f"{name}-{uuid.uuid4().hex}\n")
     prefix = f"rdserve-deploy-{uuid.uuid4().hex[:8]}"
-    procs = [redis_proc]
+    redis_procs, urls = {}, {}
+    for name in REDIS_SERVICES:  # each with its compose command and environment
+        svc, rport = s[name], free_port()
+        sources = mounts(svc)
+        argv = [str(REPO / sources[a]) if a in sources else a for a in svc["command"]]
+        argv[argv.index("--maxmemory") + 1] = "64mb"
+        renv = {k: containerize(v, tmp_path) for k, v in env_of(svc).items()}
+        redis_procs[name] = Proc(
+            [
+                *argv,
+                *("--port", str(rport), "--bind", "127.0.0.1", "--dir", str(tmp_path)),
+                *("--save", "", "--appendonly", "no", "--daemonize", "no"),
+            ],
+            {**renv, "RDSERVE_REDIS_PREFIX": prefix},
+            tmp_path / f"{name}.log",
+        )
+        urls[name] = f"redis://127.0.0.1:{rport}/0"
+    redis_url = urls["redis"]
+    api_password = (secrets / "redis_api_password").read_text().strip()
+    procs = list(redis_procs.values())
     try:
-        r = redis.Redis.from_url(redis_url)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                if r.ping():
-                    break
-            except redis.ConnectionError:
-                assert redis_proc.alive() and time.monotonic() < deadline, redis_proc.output()
-                time.sleep(0.1)
-        # The settings of docker/redis.conf are live.
-        assert r.config_get("maxmemory-policy")["maxmemory-policy"] == "allkeys-lru"
-        assert r.config_get("appendonly")["appendonly"] == "no"
-        assert r.config_get("save")["save"] == ""
-        r.close()
+        for name, policy in (("redis", "noeviction"), ("redis-cache", "allkeys-lru")):
+            with pytest.raises(redis.AuthenticationError):  # the default user is off
+                wait_redis(redis.Redis.from_url(urls[name]), redis_procs[name])
+            r = redis.Redis.from_url(urls[name], username="rdserve-api", password=api_password)
+            wait_redis(r, redis_procs[name])
+            # The settings of the config files are live (read as the test's own INFO).
+            assert r.info("memory")["maxmemory_policy"] == policy, name
+            assert r.info("persistence")["aof_enabled"] == 0
+            r.close()
 
         common = {"RDSERVE_ARTIFACT": str(tiny_artifact), "RDSERVE_REDIS_PREFIX": prefix}
         api_port = free_port()
-        api_env = service_env(compose, "api", tmp_path, RDSERVE_PORT=str(api_port), **common)
+        cache_url = urls[urlsplit(env_of(s["api"])["RDSERVE_CACHE_REDIS_URL"]).hostname]
+        api_env = service_env(
+            compose,
+            "api",
+            tmp_path,
+            RDSERVE_PORT=str(api_port),
+            RDSERVE_CACHE_REDIS_URL=cache_url,
+            **common,
+        )
         api = rdserve(*service_argv(s["api"], redis_url), env=api_env, log=tmp_path / "api.log")
         procs.append(api)
         worker_envs = []
@@ -785,11 +839,8 @@ def test_compose_topology_runs_as_processes(compose, tiny_artifact, tmp_path):
         )
         assert used - exposed == set(), sorted(used - exposed)
     finally:
-        for p in reversed(procs[1:]):
+        for p in reversed(procs):  # the private Redis servers keep nothing
             p.stop()
-        if redis_proc.alive():
-            clear_prefix(redis_url, prefix)
-        redis_proc.stop()
 
 
 def test_image_healthcheck_probes_the_role_the_container_runs(tmp_path, monkeypatch):

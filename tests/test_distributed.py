@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import socket
 import time
 import uuid
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -234,7 +236,7 @@ def test_stale_jobs_of_a_dead_worker_are_claimed(private_redis, tiny_artifact):
     p = f"rdserve-test-{uuid.uuid4().hex[:8]}"
     r = redis.Redis.from_url(private_redis.url)
     try:
-        dead = RedisTaskSource(r, p, "dead", claim_idle_s=0.2)
+        dead = RedisTaskSource(r, p, "x", "dead", claim_idle_s=0.2)
         job = Task(
             id="j1",
             artifact="x",
@@ -244,16 +246,16 @@ def test_stale_jobs_of_a_dead_worker_are_claimed(private_redis, tiny_artifact):
             deadline=time.time() + 60,
             reply_to=f"{p}:replies:test",
         )
-        r.xadd(tasks_key(p), {"d": task_to_wire(job)})
+        r.xadd(tasks_key(p, "x"), {"d": task_to_wire(job)})
         assert [j.id for j in dead.take(1, 0)] == ["j1"]  # read, then the worker "dies"
-        alive = RedisTaskSource(r, p, "alive", claim_idle_s=0.2)
+        alive = RedisTaskSource(r, p, "x", "alive", claim_idle_s=0.2)
         assert alive.take(1, 0) == []  # nothing new and not yet idle long enough
         time.sleep(0.3)
         alive._last_claim = 0.0
         taken = alive.take(1, 0)
         assert [j.id for j in taken] == ["j1"]
         alive.reply(taken[0], TaskResult("j1", error="x", code="internal"))
-        assert r.xpending(tasks_key(p), GROUP)["pending"] == 0
+        assert r.xpending(tasks_key(p, "x"), GROUP)["pending"] == 0
         assert r.xlen(f"{p}:replies:test") == 1
     finally:
         clear_prefix(private_redis.url, p)
@@ -292,22 +294,60 @@ def test_cache_failure_never_fails_a_request(tiny_artifact):
 def test_worker_liveness_endpoint_reports_a_stalled_loop():
     """/health/live on the worker's metrics port: 200 while the loop turns, 503 once it stalls."""
     from app.core.worker import WorkerState
-    from app.http.worker_endpoint import serve_worker_http
+    from app.http.worker_endpoint import WorkerEndpoint
 
     state = WorkerState("w-test", 2)
     state.running = True
     turn = {"t": time.time()}
-    port = free_port()
-    server = serve_worker_http(port, state, lambda: turn["t"], stall_s=5, host="127.0.0.1")
+    endpoint = WorkerEndpoint("127.0.0.1", 0)  # 0: any free port
+    endpoint.serve(state, lambda: turn["t"], stall_s=5)
+    base = f"http://127.0.0.1:{endpoint.port}"
     try:
-        r = httpx.get(f"http://127.0.0.1:{port}/health/live")
+        r = httpx.get(f"{base}/health/live")
         assert r.status_code == 200 and r.json()["status"] == "live"
         turn["t"] -= 10
-        r = httpx.get(f"http://127.0.0.1:{port}/health/live")
+        r = httpx.get(f"{base}/health/live")
         assert r.status_code == 503 and r.json()["status"] == "stalled"
-        assert "rdserve_worker_up" in httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        assert "rdserve_worker_up" in httpx.get(f"{base}/metrics").text
     finally:
-        server.shutdown()
+        endpoint.shutdown()
+
+
+def listening_address(port: int) -> str:
+    """The IPv4 address a local TCP socket listens on for this port (from /proc/net/tcp)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        addr, _, hexport = local.partition(":")
+        if state == "0A" and int(hexport, 16) == port:  # 0A: LISTEN
+            return socket.inet_ntoa(bytes.fromhex(addr)[::-1])
+    raise AssertionError(f"nothing listens on port {port}")
+
+
+def test_worker_endpoint_answers_probes_past_idle_connections_and_only_its_paths(cluster):
+    """The worker's metrics port is threaded with socket timeouts: connections that never finish
+    their request line do not delay /health/live (they made every probe time out: one thread
+    served one connection at a time), and are dropped; only /metrics and /health/live exist;
+    it binds the configured address (default 127.0.0.1)."""
+    base = cluster.metrics["w1"]
+    port = int(base.rsplit(":", 1)[1])
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(5)]
+    try:
+        for s in idle:
+            s.sendall(b"GET /health/li")  # a request line that never ends
+        for _ in range(3):
+            r = httpx.get(f"{base}/health/live", timeout=4)
+            assert r.status_code == 200 and r.json()["status"] == "live"
+        assert "rdserve_worker_up 1.0" in httpx.get(f"{base}/metrics", timeout=4).text
+        for path in ("/", "/metrics/x", "/health", "/anything"):
+            r = httpx.get(f"{base}{path}", timeout=4)
+            assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", path
+        assert httpx.post(f"{base}/metrics", timeout=4).status_code == 405
+        assert listening_address(port) == "127.0.0.1"
+        idle[0].settimeout(30)
+        assert idle[0].recv(1024) == b""  # dropped by the server's socket timeout
+    finally:
+        for s in idle:
+            s.close()
 
 
 def test_redis_queue_is_bounded_atomically(private_redis):
@@ -352,8 +392,8 @@ def test_redis_queue_is_bounded_atomically(private_redis):
             raise AssertionError("expected QueueFullError")
         except QueueFullError:
             pass
-        assert await r.xlen(tasks_key(p)) == 2 and await d.queue_depth() == 2
-        await r.xtrim(tasks_key(p), maxlen=0)  # workers took everything: the gauge follows
+        assert await r.xlen(tasks_key(p, "sha")) == 2 and await d.queue_depth() == 2
+        await r.xtrim(tasks_key(p, "sha"), maxlen=0)  # workers took everything: the gauge follows
         assert await d.queue_depth() == 0
         for t in waiting:
             t.cancel()

@@ -27,6 +27,12 @@ class ListSource:
     def reply(self, job, result):
         self.events.append(("reply", job.id, result.error))
 
+    def withdrawn(self, jobs):
+        return set()
+
+    def skip(self, job):
+        self.events.append(("skip", job.id))
+
 
 @pytest.fixture
 def worker_and_events(tiny_artifact):

@@ -38,6 +38,13 @@ def _stop_server(e: Exception) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
+def _listen_error(what: str, host: str, port: int, flags: str, e: OSError) -> typer.Exit:
+    return fail(
+        f"cannot listen on {host}:{port} for {what}: {e.strerror or e} (choose another port "
+        f"with {flags})"
+    )
+
+
 def serve(
     artifact: ArtifactOpt = None,
     host: Annotated[str | None, typer.Option(help="bind address [RDSERVE_HOST]")] = None,
@@ -54,10 +61,10 @@ def serve(
     dtype: DtypeOpt = None,
 ) -> None:
     """Run the HTTP API (embedded worker; or distributed with --redis-url)."""
-    import uvicorn
-
     from app.bootstrap import distributed_service, embedded_service, load_served_artifact
     from app.http.app import create_app
+    from app.http.server import bind
+    from app.http.server import serve as serve_http
 
     s = _settings(
         artifact=artifact,
@@ -71,6 +78,10 @@ def serve(
         dtype=dtype,
     )
     logs.configure(s.log_level)
+    try:  # before anything loads: a port that is taken fails the start at once
+        sock = bind(s.host, s.port)
+    except OSError as e:
+        raise _listen_error("the API", s.host, s.port, "--port / RDSERVE_PORT", e) from None
     with user_errors():
         art = load_served_artifact(s)
         if s.redis_url:
@@ -78,17 +89,10 @@ def serve(
         else:
             service = embedded_service(s, art, on_fatal=_stop_server)
     err.print(
-        f"serving {art.name} (max k = {art.max_dim}) on http://{s.host}:{s.port} "
+        f"serving {art.name} (max k = {art.max_dim}) on http://{s.host}:{sock.getsockname()[1]} "
         f"({'distributed via ' + s.redis_url if s.redis_url else 'embedded'})"
     )
-    uvicorn.run(
-        create_app(service),
-        host=s.host,
-        port=s.port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=s.shutdown_timeout_s,
-    )
+    serve_http(create_app(service), sock, s, service.dispatcher.drain)
 
 
 def worker(
@@ -98,16 +102,24 @@ def worker(
     family: FamilyOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
-    worker_id: Annotated[str | None, typer.Option(help="consumer name (default host-pid)")] = None,
-    metrics_port: Annotated[int | None, typer.Option(help="Prometheus port (0: off)")] = None,
+    worker_id: Annotated[
+        str | None, typer.Option(help="worker name (default host-pid) [RDSERVE_WORKER_ID]")
+    ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(help="/metrics and /health/live port, 0: off [RDSERVE_METRICS_PORT]"),
+    ] = None,
+    metrics_host: Annotated[
+        str | None, typer.Option(help="bind address of that port [RDSERVE_METRICS_HOST]")
+    ] = None,
 ) -> None:
     """Run a worker: consume tasks from Redis, run the chain, reply (one per GPU)."""
     import redis
 
     from app.bootstrap import load_served_artifact, make_embedder, make_worker
-    from app.http.worker_endpoint import serve_worker_http
+    from app.http.worker_endpoint import WorkerEndpoint
     from app.transport.consumer import Heartbeat, RedisTaskSource
-    from app.transport.keys import default_worker_id
+    from app.transport.keys import default_worker_id, new_consumer
 
     s = _settings(
         artifact=artifact,
@@ -118,23 +130,40 @@ def worker(
         dtype=dtype,
         worker_id=worker_id,
         metrics_port=metrics_port,
+        metrics_host=metrics_host,
     )
     logs.configure(s.log_level)
     if not s.redis_url:
         raise fail("a worker needs --redis-url (or RDSERVE_REDIS_URL)")
     name = s.worker_id or default_worker_id()
+    consumer = new_consumer(name)  # fresh per start: see app/transport/keys.py
+    endpoint = None
+    if s.metrics_port:  # bound before the models load: a port that is taken fails at once
+        try:
+            endpoint = WorkerEndpoint(s.metrics_host, s.metrics_port)
+        except OSError as e:
+            raise _listen_error(
+                "the worker's /metrics and /health/live",
+                s.metrics_host,
+                s.metrics_port,
+                "--metrics-port / RDSERVE_METRICS_PORT; 0 turns it off",
+                e,
+            ) from None
     with user_errors():
         art = load_served_artifact(s)
         embedder = make_embedder(s, art)
-    client = redis.Redis.from_url(s.redis_url, socket_timeout=30, health_check_interval=30)
-    source = RedisTaskSource(client, s.redis_prefix, name, s.claim_idle_s, s.heartbeat_s)
-    w = make_worker(embedder, source, s, name)
-    if s.metrics_port:  # /metrics and a /health/live that fails when the loop stalls
-        serve_worker_http(
-            s.metrics_port, w.state, lambda: w.last_turn, stall_s=max(60.0, s.request_timeout_s)
+        client = redis.Redis.from_url(
+            s.redis_url, socket_timeout=30, health_check_interval=30, **s.redis_auth()
         )
+    source = RedisTaskSource(
+        client, s.redis_prefix, art.sha256, consumer, s.claim_idle_s, s.heartbeat_s
+    )
+    w = make_worker(embedder, source, s, consumer)
+    if endpoint is not None:  # /metrics and a /health/live that fails when the loop stalls
+        endpoint.serve(w.state, lambda: w.last_turn, stall_s=max(60.0, s.request_timeout_s))
+        err.print(f"worker {name}: /metrics and /health/live on {s.metrics_host}:{endpoint.port}")
     beat = Heartbeat(
-        client, s.redis_prefix, w.state, art.sha256, str(embedder.device), s.heartbeat_s
+        client, s.redis_prefix, consumer, w.state, art.sha256, str(embedder.device), s.heartbeat_s
     )
     beat.start()
 
@@ -149,7 +178,8 @@ def worker(
     try:
         with user_errors():
             w.prepare(s.warmup)
-        err.print(f"worker {name} serving {art.name} on {embedder.device}")
+        err.print(f"worker {name} serving {art.name} on {embedder.device} (consumer {consumer})")
         w.run()
     finally:
         beat.stop()
+        source.close()

@@ -9,6 +9,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -52,6 +53,25 @@ class QueueUnavailableError(DispatchError):
     code, what = "queue_unavailable", "the task queue is unavailable"
 
 
+class ShuttingDownError(DispatchError):
+    """The API is shutting down and its shutdown window ended before the answer came (→ 503);
+    another instance can serve the retry."""
+
+    code, retry_after_s = "shutting_down", 1
+    what = "the server is shutting down and this request did not finish in time; retry"
+
+
+class ReplyLostError(DispatchError):
+    """A worker computed the task but its result never reached this API (→ 503): it could not
+    be written to Redis (e.g. at maxmemory), or was lost there."""
+
+    code, what = "result_undeliverable", "the result could not be delivered"
+
+
+def drain_error(window_s: float) -> ShuttingDownError:
+    return ShuttingDownError(f"shutdown window of {window_s:g} s ended")
+
+
 @dataclass(frozen=True)
 class FleetStatus:
     """Readiness as the API sees it."""
@@ -61,6 +81,7 @@ class FleetStatus:
     ready: list[bool]  # per level: warmed in at least one worker (a usable prefix)
     error: str | None = None  # fatal worker error, or why the queue is unreachable
     queue_ok: bool = True  # the task queue answers (always, in embedded mode)
+    starting: int = 0  # workers of this artifact still loading (heartbeat up, loop not yet)
 
 
 class Dispatcher(Protocol):
@@ -79,6 +100,33 @@ class Dispatcher(Protocol):
     async def status(self) -> FleetStatus: ...
 
     async def queue_depth(self) -> int: ...
+
+    def drain(self, cut_at: float, window_s: float) -> None:
+        """The server is shutting down: requests still waiting at ``cut_at`` (monotonic time)
+        give up with ShuttingDownError (and withdraw their tasks); new ones are refused then."""
+        ...
+
+
+class Drain:
+    """When a shutting-down API stops waiting for answers (shared by both dispatchers)."""
+
+    def __init__(self) -> None:
+        self.cut_at: float | None = None  # monotonic time; None: not shutting down
+        self.window_s = 0.0
+
+    def begin(self, cut_at: float, window_s: float) -> None:
+        self.cut_at, self.window_s = cut_at, window_s
+
+    def next_wait(self, deadline: float) -> float:
+        """Seconds a request with this (monotonic) deadline waits before looking again, at most
+        1 s; raises ShuttingDownError past the shutdown cut, TimeoutError past the deadline."""
+        now = time.monotonic()
+        if self.cut_at is not None and now >= self.cut_at:
+            raise drain_error(self.window_s)
+        if now >= deadline:
+            raise TimeoutError
+        end = deadline if self.cut_at is None else min(deadline, self.cut_at)
+        return min(1.0, end - now)
 
 
 class LocalQueue:
@@ -110,6 +158,13 @@ class LocalQueue:
 
     def take(self, budget: int, wait_s: float) -> list[Task]:
         return gather(self._get(0.2), self._get, budget, wait_s)
+
+    def withdrawn(self, tasks: list[Task]) -> set[str]:
+        with self._lock:
+            return {t.id for t in tasks if t.id not in self._waiting}
+
+    def skip(self, task: Task) -> None:
+        return  # nothing to acknowledge in-process
 
     def reply(self, task: Task, result: TaskResult) -> None:
         with self._lock:
@@ -144,6 +199,10 @@ class EmbeddedDispatcher:
         self.warmup = warmup
         self.on_fatal = on_fatal  # e.g. stop the server when weights cannot be obtained
         self._thread: threading.Thread | None = None
+        self._drain = Drain()
+
+    def drain(self, cut_at: float, window_s: float) -> None:
+        self._drain.begin(cut_at, window_s)
 
     async def start(self) -> None:
         def main() -> None:
@@ -177,12 +236,17 @@ class EmbeddedDispatcher:
             raise NoWorkerError(self.worker.state.error or "the worker is not running")
         if self.source.outstanding() >= self.max_queue:
             raise QueueFullError()
+        deadline = time.monotonic() + timeout_s
+        self._drain.next_wait(deadline)  # past the shutdown cut: refused
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[TaskResult] = loop.create_future()
         self.source.put(task, loop, fut)
         m.QUEUE_DEPTH.set(self.source.outstanding())
         try:
-            return await asyncio.wait_for(fut, timeout_s)
+            while True:
+                done, _ = await asyncio.wait({fut}, timeout=self._drain.next_wait(deadline))
+                if done:
+                    return fut.result()
         finally:
             self.source.forget(task.id)
             m.QUEUE_DEPTH.set(self.source.outstanding())

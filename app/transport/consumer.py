@@ -1,13 +1,20 @@
-"""Worker side of distributed mode: read tasks through the consumer group, reply, acknowledge,
-and publish heartbeats (sync redis-py client; the worker loop runs in its own process).
+"""Worker side of distributed mode: read tasks of the served artifact through the consumer group,
+reply, acknowledge, and publish heartbeats (sync redis-py client; the worker loop runs in its own
+process).
 
 Failures, and what recovers from them:
   * a worker dies (SIGKILL, OOM-killer, lost host): its heartbeat expires, and another worker
     claims the tasks it left pending (XPENDING of that consumer + XCLAIM) within a few seconds;
-    tasks pending longer than ``claim_idle_s`` are claimed from any consumer (a stuck one);
-  * Redis restarts and loses the streams (no persistence): workers recreate the consumer group;
-  * Redis is unreachable: reads back off and retry; replies are retried until the deadline.
-Tasks past their deadline are answered with a timeout instead of computed (``Worker.process``).
+    tasks pending longer than ``claim_idle_s`` are claimed from any consumer (a stuck one). A
+    worker restarted under the same id is a new consumer (``keys.new_consumer``), so the old
+    process counts as dead and the new one (or any other) claims what it left;
+  * Redis restarts and loses the streams (no persistence): workers recreate the consumer group,
+    and the heartbeat is retried every quarter second until it is back;
+  * Redis is unreachable: reads back off and retry; replies are retried until the deadline;
+  * Redis refuses to store a result (OOM at maxmemory): a short error result is sent instead,
+    so the request fails at once (503) instead of waiting for its deadline.
+Tasks past their deadline are answered with a timeout instead of computed, and tasks withdrawn
+by their API (``keys.cancelled_key``) are dropped between batches (``Worker.process``).
 """
 
 from __future__ import annotations
@@ -27,7 +34,15 @@ import redis
 from app import metrics as m
 from app.core.tasks import Task, TaskResult
 from app.core.worker import gather
-from app.transport.keys import GROUP, REPLY_TTL_S, tasks_key, text, worker_key
+from app.transport.keys import (
+    GROUP,
+    REPLY_TTL_S,
+    cancelled_key,
+    tasks_key,
+    text,
+    worker_id_of,
+    worker_key,
+)
 from app.transport.wire import result_to_wire, task_from_wire
 
 if TYPE_CHECKING:
@@ -41,6 +56,9 @@ READ_COUNT = 32
 DEAD_CLAIM_MIN_IDLE_MS = 1000
 #: Consumers with no heartbeat, nothing pending and idle this long are removed from the group.
 FORGET_CONSUMER_IDLE_MS = 10 * 60 * 1000
+#: How long a worker keeps trying to send the short error result when Redis refuses the real one
+#: (a refused large command frees its query buffer within ~0.1 s; then small writes pass again).
+ERROR_REPLY_RETRY_S = 2.0
 
 Message = tuple[bytes, dict]
 
@@ -52,13 +70,14 @@ class RedisTaskSource:
         self,
         client: redis.Redis,
         prefix: str,
+        artifact_sha: str,
         consumer: str,
         claim_idle_s: float,
         dead_check_s: float = 2.0,
     ) -> None:
         self.r = client
         self.prefix = prefix
-        self.stream = tasks_key(prefix)
+        self.stream = tasks_key(prefix, artifact_sha)  # only this artifact's tasks
         self.consumer = consumer
         self.claim_idle_ms = int(claim_idle_s * 1000)
         self.dead_check_s = dead_check_s  # how often to look for consumers without a heartbeat
@@ -161,10 +180,37 @@ class RedisTaskSource:
             return []
 
     def reply(self, task: Task, result: TaskResult) -> None:
-        """Send the result, then acknowledge; retried while Redis is unreachable (until the
-        task's deadline), so a computed result survives a Redis blip."""
+        """Send the result, then acknowledge and delete the task; retried while Redis is
+        unreachable (until the task's deadline), so a computed result survives a Redis blip.
+        A result Redis refuses to store (OOM at maxmemory) is replaced by a short error result,
+        so that its request fails at once rather than at its deadline."""
         msg_id = self._msg_ids.pop(task.id, None)
         data = result_to_wire(result)
+        refused = self._send(task, data, msg_id)
+        if refused is None:
+            return
+        m.REPLIES_FAILED.inc()
+        log.error(
+            "result refused by redis; answering with an error",
+            extra={"task": task.id, "bytes": len(data), "error": str(refused)},
+        )
+        failure = TaskResult(
+            task.id,
+            error=f"the result ({len(data) / 2**20:.1f} MiB) could not be stored in the task "
+            f"queue (Redis: {refused}); ask for fewer sequences per request, or retry later",
+            code="result_undeliverable",
+            worker=result.worker,
+        )
+        deadline = time.monotonic() + ERROR_REPLY_RETRY_S
+        while self._send(task, result_to_wire(failure), None) is not None:
+            if time.monotonic() > deadline:  # the API's lost-reply check answers it
+                log.error("error result refused too", extra={"task": task.id})
+                return
+            time.sleep(0.1)
+
+    def _send(self, task: Task, data: bytes, msg_id: bytes | None) -> redis.ResponseError | None:
+        """XADD the reply, XACK + XDEL the task (one round trip); the error if Redis refused
+        the reply itself. Connection failures are retried until the task's deadline."""
         delay = 0.2
         while True:
             try:
@@ -175,11 +221,14 @@ class RedisTaskSource:
                 if msg_id is not None:
                     pipe.xack(self.stream, GROUP, msg_id)
                     pipe.xdel(self.stream, msg_id)
+                res = pipe.execute(raise_on_error=False)
+                if task.reply_to and isinstance(res[0], redis.ResponseError):
+                    return res[0]
                 # XACK fails with NOGROUP after a Redis restart; the reply itself went through.
-                for res in pipe.execute(raise_on_error=False):
-                    if isinstance(res, Exception) and "NOGROUP" not in str(res):
-                        raise res
-                return
+                for r in res:
+                    if isinstance(r, Exception) and "NOGROUP" not in str(r):
+                        raise r
+                return None
             except (redis.ConnectionError, redis.TimeoutError) as e:
                 if time.time() + delay > task.deadline:
                     raise
@@ -187,27 +236,56 @@ class RedisTaskSource:
                 time.sleep(delay)
                 delay = min(2 * delay, 2.0)
 
+    def withdrawn(self, tasks: list[Task]) -> set[str]:
+        """Tasks whose API withdrew them (a cancellation mark exists): one round trip."""
+        if not tasks:
+            return set()
+        marks = self.r.mget([cancelled_key(self.prefix, t.id) for t in tasks])
+        return {t.id for t, mark in zip(tasks, marks, strict=True) if mark is not None}
+
+    def skip(self, task: Task) -> None:
+        """Acknowledge a withdrawn task (its API already deleted the entry)."""
+        msg_id = self._msg_ids.pop(task.id, None)
+        if msg_id is not None:
+            with contextlib.suppress(redis.RedisError):
+                self.r.xack(self.stream, GROUP, msg_id)
+
+    def close(self) -> None:
+        """Leave the group on a clean stop, when nothing is pending here any more (a consumer
+        name is used by one process only, so it would otherwise linger until forgotten)."""
+        with contextlib.suppress(redis.RedisError):
+            mine = self.r.xpending_range(
+                self.stream, GROUP, "-", "+", 1, consumername=self.consumer
+            )
+            if not mine:
+                self.r.xgroup_delconsumer(self.stream, GROUP, self.consumer)
+
 
 class Heartbeat:
-    """Publishes a worker's state every period; the key expires after three missed beats."""
+    """Publishes a worker's state every period under its consumer name; the key expires after
+    three missed beats. A failed beat is retried every quarter second (after a Redis restart
+    the key is gone until the next beat, and the API counts only workers it can see)."""
 
     def __init__(
         self,
         client: redis.Redis,
         prefix: str,
+        consumer: str,
         state: WorkerState,
         artifact_sha: str,
         device: str,
         period_s: float,
     ) -> None:
         self.r, self.state, self.period = client, state, period_s
-        self.key = worker_key(prefix, state.name)
+        self.key = worker_key(prefix, consumer)
         self.base = {
-            "id": state.name,
+            "id": worker_id_of(consumer),
+            "consumer": consumer,
             "artifact": artifact_sha,
             "device": device,
             "host": socket.gethostname(),
             "pid": os.getpid(),
+            "period_s": period_s,
         }
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rdserve-heartbeat", daemon=True)
@@ -227,11 +305,13 @@ class Heartbeat:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            wait = self.period
             try:
                 self.beat()
             except redis.RedisError as e:
                 log.warning("heartbeat failed", extra={"error": repr(e)})
-            self._stop.wait(self.period)
+                wait = min(self.period, 0.25)
+            self._stop.wait(wait)
 
     def start(self) -> None:
         self._thread.start()

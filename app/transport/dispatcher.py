@@ -1,12 +1,18 @@
-"""API side of distributed mode: queue tasks on the stream, resolve replies by task id, and
-watch the fleet's heartbeats.
+"""API side of distributed mode: queue tasks on the artifact's stream, resolve replies by task
+id, and watch the fleet's heartbeats.
 
 Failures, and what recovers from them:
   * two workers computed the same task: the first reply is delivered, the other discarded;
   * Redis restarts and loses the streams (no persistence): the API notices the new server
-    (its run_id) and queues its in-flight tasks again;
+    (its run_id) and queues its in-flight tasks again; the workers it saw just before count as
+    alive until their heartbeats would have expired (they come back within one beat), so the
+    empty heartbeat set of a fresh Redis does not turn into false ``503 no_worker``;
   * Redis is unreachable: new requests get 503 (queue_unavailable), in-flight ones 503 once no
-    worker has been seen for a few seconds; everything reconnects on its own.
+    worker has been seen for a few seconds; everything reconnects on its own;
+  * a result never arrives although its task is gone from the stream (Redis refused or lost the
+    reply): the request fails with 503 within about two seconds instead of at its deadline;
+  * the API shuts down: requests still waiting when the shutdown window ends get 503 and their
+    tasks are withdrawn (deleted, and marked so that a worker holding one drops it).
 """
 
 from __future__ import annotations
@@ -22,9 +28,16 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from app import metrics as m
-from app.core.dispatch import FleetStatus, NoWorkerError, QueueFullError, QueueUnavailableError
+from app.core.dispatch import (
+    Drain,
+    FleetStatus,
+    NoWorkerError,
+    QueueFullError,
+    QueueUnavailableError,
+    ReplyLostError,
+)
 from app.core.tasks import Task, TaskResult
-from app.transport.keys import new_reply_key, tasks_key, text, worker_key
+from app.transport.keys import cancelled_key, new_reply_key, tasks_key, text, worker_key
 from app.transport.wire import result_from_wire, task_to_wire
 
 log = logging.getLogger(__name__)
@@ -38,6 +51,13 @@ return {1, n + 1, id}
 """
 #: In-flight requests give up (503) after the fleet has shown no live worker for this long.
 NO_WORKER_GRACE_S = 5.0
+#: A request waiting this long has its task entry checked: gone with no reply (at two checks a
+#: second apart, the reply reader running in between) means its result was lost.
+LOST_CHECK_AFTER_S = 2.0
+#: Heartbeat period assumed for a heartbeat that does not say (older workers).
+DEFAULT_PERIOD_S = 2.0
+#: Eviction policies that can drop heartbeats, task streams and reply streams.
+EVICTING = ("allkeys-", "volatile-")
 
 
 @dataclass(slots=True)
@@ -47,6 +67,9 @@ class _InFlight:
     task: Task  # what was queued (kept to queue it again if Redis loses it)
     entry: str  # its stream entry id
     reply: asyncio.Future[TaskResult]  # resolved by the reply reader
+    since: float  # monotonic time it was queued
+    missing: bool = False  # its entry was gone at the last lost-reply check
+    requeued: bool = False  # queued again after a Redis restart (two copies may be computed)
 
 
 class RedisDispatcher:
@@ -59,7 +82,7 @@ class RedisDispatcher:
     ) -> None:
         self.r = client
         self.prefix = prefix
-        self.stream = tasks_key(prefix)
+        self.stream = tasks_key(prefix, artifact_sha)
         self.artifact_sha = artifact_sha
         self.n_levels = n_levels
         self.max_queue = max_queue
@@ -70,9 +93,16 @@ class RedisDispatcher:
         self._status: tuple[float, FleetStatus] | None = None
         self._depth = 0
         self._run_id: str | None = None  # identity of the Redis server our tasks are queued in
+        self._restarts = 0  # Redis restarts (run_id changes) seen
+        # Workers seen running: consumer → (heartbeat, when it would expire unrenewed; monotonic).
+        self._seen: dict[str, tuple[dict, float]] = {}
+        # After a Redis restart, those workers count until then (their heartbeats come back).
+        self._presumed: dict[str, tuple[dict, float]] = {}
+        self._drain = Drain()
         self._enqueue = client.register_script(BOUNDED_XADD)
 
     async def start(self) -> None:
+        await self._warn_if_evicting()
         self._reader = asyncio.create_task(self._read_replies(), name="rdserve-replies")
 
     async def stop(self) -> None:
@@ -83,17 +113,41 @@ class RedisDispatcher:
         with contextlib.suppress(Exception):
             await self.r.delete(self.reply_key)
 
+    def drain(self, cut_at: float, window_s: float) -> None:
+        self._drain.begin(cut_at, window_s)
+
+    async def _warn_if_evicting(self) -> None:
+        """Say so at start when the queue Redis may evict keys: heartbeats and streams would
+        vanish under memory pressure (false 503s, lost replies)."""
+        try:
+            policy = (await self.r.info("memory")).get("maxmemory_policy", "")
+        except Exception:  # noqa: BLE001 — Redis not up yet: nothing to say
+            return
+        if str(policy).startswith(EVICTING):
+            log.warning(
+                "the queue Redis evicts keys under memory pressure; use maxmemory-policy "
+                "noeviction there and put the cache on its own LRU Redis (cache_redis_url)",
+                extra={"maxmemory_policy": policy},
+            )
+
     # -- replies --------------------------------------------------------------------------------
     async def _read_replies(self) -> None:
         last = "0-0"
         checked = 0.0
+        handled = 0  # restarts whose lost tasks were queued again
         while True:
             try:
                 if time.monotonic() - checked >= 1.0:
                     checked = time.monotonic()
-                    if await self._server_restarted():
+                    # The fleet every second, requests or not: after a Redis restart the workers
+                    # seen just before are known (and the restart itself, from the run_id).
+                    await self._refresh_status()
+                    if self._restarts != handled:
+                        handled = self._restarts
                         last = "0-0"  # the reply stream was recreated
                         await self._requeue_lost()
+                    else:
+                        await self._fail_lost_replies()
                 resp = await self.r.xread({self.reply_key: last}, count=100, block=1000)
                 ids = []
                 for _, msgs in resp or []:
@@ -122,17 +176,20 @@ class RedisDispatcher:
         if len(self._delivered) > 10_000:
             self._delivered.popitem(last=False)
 
-    async def _server_restarted(self) -> bool:
-        """True when Redis is a different server than before (restart or failover): its run_id
-        changed, so streams without persistence, our queued tasks among them, are gone."""
+    async def _check_server(self) -> None:
+        """Notice a different Redis server than before (restart or failover: its run_id
+        changed), whose streams without persistence, our queued tasks among them, are gone."""
         run_id = (await self.r.info("server"))["run_id"]
-        restarted = self._run_id is not None and run_id != self._run_id
-        self._run_id = run_id
-        if restarted:
+        if self._run_id is not None and run_id != self._run_id:
+            self._restarts += 1
+            # Heartbeat keys are gone until each worker's next beat: the workers just seen stay
+            # counted until their heartbeats would have expired.
+            self._presumed = dict(self._seen)
+            self._status = None
             log.warning(
                 "redis restarted; checking in-flight tasks", extra={"tasks": len(self._inflight)}
             )
-        return restarted
+        self._run_id = run_id
 
     async def _requeue_lost(self) -> None:
         """Queue again every in-flight task whose stream entry no longer exists."""
@@ -142,8 +199,38 @@ class RedisDispatcher:
                 continue
             if not await self.r.xrange(self.stream, f.entry, f.entry):
                 f.entry = text(await self.r.xadd(self.stream, {"d": task_to_wire(f.task)}))
+                f.missing, f.requeued = False, True
                 m.TASKS_RESUBMITTED.inc()
                 log.warning("task lost by redis; queued again", extra={"task": f.task.id})
+
+    async def _fail_lost_replies(self) -> None:
+        """Fail requests whose task entry is gone (a worker answered and deleted it, or dropped
+        it) while no reply came, at two consecutive checks: the result will never arrive."""
+        now = time.monotonic()
+        flights = [
+            f
+            for f in self._inflight.values()
+            if f.entry and not f.reply.done() and now - f.since >= LOST_CHECK_AFTER_S
+        ]
+        if not flights:
+            return
+        pipe = self.r.pipeline(transaction=False)
+        for f in flights:
+            pipe.xrange(self.stream, f.entry, f.entry)
+        for f, found in zip(flights, await pipe.execute(), strict=True):
+            if found or f.reply.done():
+                f.missing = False
+            elif not f.missing:
+                f.missing = True  # the reply may still be in the reply stream: read it first
+            else:
+                m.REPLIES_LOST.inc()
+                log.error("task gone without a reply", extra={"task": f.task.id})
+                f.reply.set_exception(
+                    ReplyLostError(
+                        "the task was answered or dropped, but no result reached this API "
+                        "(the queue Redis refused or lost it)"
+                    )
+                )
 
     # -- fleet ----------------------------------------------------------------------------------
     async def queue_depth(self) -> int:
@@ -157,49 +244,65 @@ class RedisDispatcher:
 
     async def status(self) -> FleetStatus:
         """Aggregate live heartbeats of workers serving this artifact (cached for 1 s)."""
-        now = time.monotonic()
-        if self._status is not None and now - self._status[0] < 1.0:
+        if self._status is not None and time.monotonic() - self._status[0] < 1.0:
             return self._status[1]
-        loaded = [False] * self.n_levels
-        ready = [False] * self.n_levels
-        workers, errors = 0, []
+        return await self._refresh_status()
+
+    async def _refresh_status(self) -> FleetStatus:
+        now = time.monotonic()
         try:
+            await self._check_server()  # before the heartbeats: a restart shows none
             keys = [
                 k async for k in self.r.scan_iter(match=worker_key(self.prefix, "*"), count=100)
             ]
             beats = await self.r.mget(keys) if keys else []
         except Exception as e:  # noqa: BLE001
-            st = FleetStatus(0, loaded, ready, f"redis unavailable: {e}", queue_ok=False)
+            n = self.n_levels
+            st = FleetStatus(0, [False] * n, [False] * n, f"redis unavailable: {e}", queue_ok=False)
             self._status = (now, st)
             m.WORKERS_LIVE.set(0)
             return st
-        for raw in beats:
-            if raw is None:
-                continue
-            hb = json.loads(raw)
-            if hb.get("artifact") != self.artifact_sha:
-                continue
-            if hb.get("error"):
-                errors.append(f"{hb['id']}: {hb['error']}")
-            if not hb.get("running"):
-                continue
-            workers += 1
-            loaded = [a or b for a, b in zip(loaded, hb["loaded"], strict=True)]
-            ready = [a or b for a, b in zip(ready, hb["ready"], strict=True)]
-        st = FleetStatus(workers, loaded, ready, "; ".join(errors) or None)
-        m.WORKERS_LIVE.set(workers)
+        beats = [json.loads(raw) for raw in beats if raw is not None]
+        mine = [hb for hb in beats if hb.get("artifact") == self.artifact_sha]
+        seen: dict[str, tuple[dict, float]] = {}
+        for hb in mine:
+            if hb.get("running"):
+                ttl = 3 * float(hb.get("period_s", DEFAULT_PERIOD_S))
+                seen[hb.get("consumer", hb["id"])] = (hb, now + ttl)
+        # Sightings are kept until they expire (not replaced): a refresh that raced a restart
+        # and found the new, empty Redis must not erase what the restart check snapshots.
+        self._seen = {c: v for c, v in self._seen.items() if v[1] > now} | seen
+        self._presumed = {c: v for c, v in self._presumed.items() if v[1] > now and c not in seen}
+        st = self._aggregate(
+            [hb for hb, _ in seen.values()] + [hb for hb, _ in self._presumed.values()], mine
+        )
+        m.WORKERS_LIVE.set(st.workers)
         self._status = (now, st)
         return st
 
+    def _aggregate(self, running: list[dict], mine: list[dict]) -> FleetStatus:
+        """Readiness of the running workers; errors and loading ones among all heartbeats of
+        this artifact's workers."""
+        loaded = [False] * self.n_levels
+        ready = [False] * self.n_levels
+        for hb in running:
+            loaded = [a or b for a, b in zip(loaded, hb["loaded"], strict=True)]
+            ready = [a or b for a, b in zip(ready, hb["ready"], strict=True)]
+        errors = [f"{hb['id']}: {hb['error']}" for hb in mine if hb.get("error")]
+        starting = sum(1 for hb in mine if not hb.get("running") and not hb.get("error"))
+        return FleetStatus(len(running), loaded, ready, "; ".join(errors) or None, True, starting)
+
     # -- tasks ----------------------------------------------------------------------------------
     async def submit(self, task: Task, timeout_s: float) -> TaskResult:
+        deadline = time.monotonic() + timeout_s
+        self._drain.next_wait(deadline)  # past the shutdown cut: refused
         st = await self.status()
         if not st.queue_ok:
             raise QueueUnavailableError(st.error or "redis unavailable")
         if st.workers == 0:
             raise NoWorkerError(st.error or "no live worker serves this artifact")
         task.reply_to = self.reply_key
-        flight = _InFlight(task, "", asyncio.get_running_loop().create_future())
+        flight = _InFlight(task, "", asyncio.get_running_loop().create_future(), time.monotonic())
         # Registered before the XADD: a worker may answer before the XADD's own reply reaches
         # us, and the reader must then find the request (or it discards the answer).
         self._inflight[task.id] = flight
@@ -219,30 +322,43 @@ class RedisDispatcher:
             self._inflight.pop(task.id, None)
             raise
         try:
-            return await self._wait(flight, timeout_s)
+            res = await self._wait(flight, deadline)
+            if res.code == "result_undeliverable":  # the worker's stand-in for a refused result
+                raise ReplyLostError(res.error)
+            if flight.requeued:  # answered by the first copy: nobody needs the second
+                with contextlib.suppress(Exception):
+                    await self._withdraw(flight)
+            return res
         except BaseException:
-            # The request ends without an answer (timeout, no worker, client gone): delete the
-            # task so that no worker starts it for nobody (one already computing it finishes).
+            # The request ends without an answer (timeout, no worker, client gone, shutdown):
+            # withdraw the task so that no worker starts it for nobody, and mark it so that one
+            # already holding it drops what is left of it.
             with contextlib.suppress(Exception):
-                await self.r.xdel(self.stream, flight.entry)
+                await self._withdraw(flight)
             raise
         finally:
             self._inflight.pop(task.id, None)
 
-    async def _wait(self, flight: _InFlight, timeout_s: float) -> TaskResult:
-        """The reply; NoWorkerError once no worker has been alive for NO_WORKER_GRACE_S (the one
-        computing it died and nobody can take it over), TimeoutError after timeout_s."""
-        deadline = time.monotonic() + timeout_s
+    async def _withdraw(self, flight: _InFlight) -> None:
+        ttl = max(1, int(flight.task.deadline - time.time()) + 1)
+        pipe = self.r.pipeline(transaction=False)
+        pipe.xdel(self.stream, flight.entry)
+        pipe.set(cancelled_key(self.prefix, flight.task.id), 1, ex=ttl)
+        await pipe.execute()
+
+    async def _wait(self, flight: _InFlight, deadline: float) -> TaskResult:
+        """The reply; NoWorkerError once no worker has been alive or loading for
+        NO_WORKER_GRACE_S (the one computing it died and nobody can take it over; one that is
+        loading, e.g. the dead one restarted, will), TimeoutError at the deadline,
+        ShuttingDownError at the shutdown cut."""
         no_worker_since: float | None = None
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError
-            done, _ = await asyncio.wait({flight.reply}, timeout=min(1.0, left))
-            if done:
+            if not flight.reply.done():
+                await asyncio.wait({flight.reply}, timeout=self._drain.next_wait(deadline))
+            if flight.reply.done():
                 return flight.reply.result()
             st = await self.status()
-            if st.workers:
+            if st.workers or st.starting:
                 no_worker_since = None
                 continue
             no_worker_since = no_worker_since or time.monotonic()

@@ -1,0 +1,45 @@
+#!/bin/sh
+# Start redis-server (arguments: its config file, then options) with rdserve's ACL users.
+# Passwords come from files (Docker secrets); only their SHA-256 reaches Redis. The default user
+# is off: every client authenticates.
+#
+#   REDIS_API_PASSWORD_FILE     user rdserve-api: the API (every key under the prefix)
+#   REDIS_WORKER_PASSWORD_FILE  user rdserve-worker: workers (tasks, replies, heartbeats and
+#                               withdrawal marks; not the cache); unset where workers never connect
+#   RDSERVE_REDIS_PREFIX        the prefix the users' keys are confined to (default rdserve)
+#
+# The password is a file's first line, trimmed (as rdserve reads RDSERVE_REDIS_PASSWORD_FILE).
+# Each user may run only the commands rdserve sends (tests/test_faults.py runs every fault test
+# against these users).
+set -eu
+prefix="${RDSERVE_REDIS_PREFIX:-rdserve}"
+
+digest() {
+    pw=$(head -n 1 "$1" | tr -d '\r' | sed 's/^[[:space:]]*//; s/[[:space:]]*$//')
+    if [ -z "$pw" ]; then
+        echo "redis-start.sh: $1 holds no password" >&2
+        exit 1
+    fi
+    printf %s "$pw" | sha256sum | cut -d ' ' -f 1
+}
+
+set -- "$@" --user default reset off
+if [ -n "${REDIS_API_PASSWORD_FILE:-}" ]; then
+    set -- "$@" --user rdserve-api reset on "#$(digest "$REDIS_API_PASSWORD_FILE")" \
+        "~${prefix}:*" -@all +@connection -@dangerous +info \
+        +scan +mget +set +del +expire +hmget +hset \
+        +xadd +xlen +xrange +xdel +xread +evalsha +eval "+script|load"
+fi
+if [ -n "${REDIS_WORKER_PASSWORD_FILE:-}" ]; then
+    set -- "$@" --user rdserve-worker reset on "#$(digest "$REDIS_WORKER_PASSWORD_FILE")" \
+        "~${prefix}:tasks:*" "~${prefix}:replies:*" "~${prefix}:worker:*" "~${prefix}:cancelled:*" \
+        -@all +@connection -@dangerous +exists +mget +set +del +expire \
+        "+xgroup|create" "+xgroup|delconsumer" +xreadgroup +xautoclaim +xclaim \
+        "+xinfo|consumers" +xpending +xack +xdel +xadd
+fi
+
+# The official image's entrypoint drops root privileges before it starts redis-server.
+if command -v docker-entrypoint.sh >/dev/null 2>&1; then
+    exec docker-entrypoint.sh redis-server "$@"
+fi
+exec redis-server "$@"
