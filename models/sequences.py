@@ -41,6 +41,13 @@ class Pooling(StrEnum):
     per_residue = "per_residue"  # one vector per residue
     bos = "bos"  # the start-token representation
 
+    @classmethod
+    def _missing_(cls, value: object) -> Pooling | None:
+        """One spelling, per_residue; the CLI-style 'per-residue' (any case) is accepted too."""
+        if isinstance(value, str):
+            return cls._value2member_map_.get(value.lower().replace("-", "_"))  # type: ignore[return-value]
+        return None
+
 
 class Handling(StrEnum):
     """How a sequence was fed to the model."""

@@ -24,6 +24,10 @@ DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N, auto [RD
 DtypeOpt = Annotated[
     str | None, typer.Option(help="auto, float32, bfloat16, float16 [RDSERVE_DTYPE]")
 ]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(help="CPU threads of model forwards (default: usable cores) [RDSERVE_THREADS]"),
+]
 
 
 def _settings(**overrides: Any) -> Settings:
@@ -52,11 +56,17 @@ def serve(
     family: FamilyOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Run the HTTP API (embedded worker; or distributed with --redis-url)."""
     import uvicorn
 
-    from app.bootstrap import distributed_service, embedded_service, load_served_artifact
+    from app.bootstrap import (
+        distributed_service,
+        embedded_service,
+        load_served_artifact,
+        resolve_family,
+    )
     from app.http.app import create_app
 
     s = _settings(
@@ -69,17 +79,22 @@ def serve(
         family=family,
         device=device,
         dtype=dtype,
+        threads=threads,
     )
     logs.configure(s.log_level)
     with user_errors():
+        s, selection = resolve_family(s)
         art = load_served_artifact(s)
         if s.redis_url:
-            service = distributed_service(s, art)
+            service = distributed_service(s, art, selection)
         else:
-            service = embedded_service(s, art, on_fatal=_stop_server)
+            service = embedded_service(s, art, on_fatal=_stop_server, family_selection=selection)
     err.print(
-        f"serving {art.name} (max k = {art.max_dim}) on http://{s.host}:{s.port} "
-        f"({'distributed via ' + s.redis_url if s.redis_url else 'embedded'})"
+        f"serving {art.name} (family {art.family}: {selection}; max k = {art.max_dim}) on "
+        f"http://{s.host}:{s.port} "
+        f"({'distributed via ' + s.redis_url if s.redis_url else 'embedded'})",
+        highlight=False,
+        soft_wrap=True,
     )
     uvicorn.run(
         create_app(service),
@@ -100,11 +115,12 @@ def worker(
     dtype: DtypeOpt = None,
     worker_id: Annotated[str | None, typer.Option(help="consumer name (default host-pid)")] = None,
     metrics_port: Annotated[int | None, typer.Option(help="Prometheus port (0: off)")] = None,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Run a worker: consume tasks from Redis, run the chain, reply (one per GPU)."""
     import redis
 
-    from app.bootstrap import load_served_artifact, make_embedder, make_worker
+    from app.bootstrap import load_served_artifact, make_embedder, make_worker, resolve_family
     from app.http.worker_endpoint import serve_worker_http
     from app.transport.consumer import Heartbeat, RedisTaskSource
     from app.transport.keys import default_worker_id
@@ -118,12 +134,14 @@ def worker(
         dtype=dtype,
         worker_id=worker_id,
         metrics_port=metrics_port,
+        threads=threads,
     )
     logs.configure(s.log_level)
     if not s.redis_url:
         raise fail("a worker needs --redis-url (or RDSERVE_REDIS_URL)")
     name = s.worker_id or default_worker_id()
     with user_errors():
+        s, _ = resolve_family(s)
         art = load_served_artifact(s)
         embedder = make_embedder(s, art)
     client = redis.Redis.from_url(s.redis_url, socket_timeout=30, health_check_interval=30)

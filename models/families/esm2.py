@@ -38,6 +38,51 @@ OFFLINE_HINT = (
 )
 
 
+#: How long the start-up probe of the hub waits (a dropped connection, not a refused one).
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set, or a probe switched offline mode on."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def go_offline() -> None:
+    """Switch huggingface_hub to offline mode for this process: later loads use the local cache
+    at once instead of a minute of connection retries. Children inherit it."""
+    from huggingface_hub import constants
+
+    constants.HF_HUB_OFFLINE = True
+    os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """One HTTP request to the hub endpoint (HF_ENDPOINT); any answer means reachable."""
+    import httpx
+    from huggingface_hub import constants
+
+    try:
+        httpx.head(constants.ENDPOINT, timeout=timeout)
+    except httpx.HTTPError:
+        return False
+    return True
+
+
+def _cached(lv: Level) -> bool:
+    """The level's weights are local: a model directory, or in the Hugging Face cache."""
+    path = Path(lv.model_id)
+    if path.is_dir():
+        return (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+    from huggingface_hub import try_to_load_from_cache
+
+    files = ("config.json", "model.safetensors")
+    return all(
+        isinstance(try_to_load_from_cache(lv.model_id, f, revision=lv.revision), str) for f in files
+    )
+
+
 @dataclass(slots=True)
 class EsmBatch:
     """Token ids of one padded batch (shared by every ESM-2 level: one vocabulary)."""
@@ -88,6 +133,21 @@ class ESM2Family(ModelFamily, spec=FAMILY_SPECS["esm2"]):
                     )
                 )
         return levels
+
+    @classmethod
+    def unavailable(cls, levels: Sequence[Level]) -> str | None:
+        """None when every level is local (directory or HF cache) or the hub answers; else the
+        reason. With the hub unreachable the process goes offline (see go_offline)."""
+        missing = [lv for lv in levels if not _cached(lv)]
+        if not missing:
+            return None
+        names = ", ".join(lv.model_id for lv in missing)
+        if hub_offline():
+            return f"{names} not in the Hugging Face cache and HF_HUB_OFFLINE is set"
+        if hub_reachable():
+            return None
+        go_offline()
+        return f"{names} not in the Hugging Face cache and the hub is unreachable"
 
     def _tokenizer_table(self) -> tuple[np.ndarray, tuple[int, int, int]]:
         """A byte → token id table taken from the level-0 HF tokenizer.
