@@ -36,6 +36,13 @@ class FamilySpec:
     #: sample (scripts/build_default_artifact.py), served without a fit; None: fitted on start.
     shipped_artifact: str | None = None
 
+    def check_pooling(self, pooling: str) -> None:
+        """ValueError when this family cannot pool that way ('bos' needs a start token)."""
+        if pooling == "bos" and not self.has_bos:
+            raise ValueError(
+                f"family {self.name!r} has no start token; use pooling 'mean' or 'per_residue'"
+            )
+
     @property
     def shipped_artifact_path(self) -> Path | None:
         """The shipped artifact of the default chain, if this family has one."""

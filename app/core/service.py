@@ -146,14 +146,10 @@ class EmbeddingService:
                 param="dimensions",
                 code="invalid_dimensions",
             )
-        if q.pooling == Pooling.bos and not self.family.has_bos:
-            raise APIError(
-                400,
-                f"family {self.artifact.family!r} has no start token; "
-                "use pooling 'mean' or 'per_residue'",
-                param="pooling",
-                code="unsupported_pooling",
-            )
+        try:
+            self.family.check_pooling(q.pooling)
+        except ValueError as e:
+            raise APIError(400, str(e), param="pooling", code="unsupported_pooling") from None
         seqs, handling = [], []
         total = 0
         for i, r in enumerate(raw):

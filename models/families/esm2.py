@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,11 @@ ESM2_PRESETS: dict[str, tuple[str, int]] = {
     "15B": ("facebook/esm2_t48_15B_UR50D", 5120),
 }
 _BY_HUB_ID = {hub: (name, dim) for name, (hub, dim) in ESM2_PRESETS.items()}
+#: (width, layers) → shorthand; the layers are the "t<N>" of each hub id.
+_PRESET_BY_SHAPE = {
+    (dim, int(re.search(r"_t(\d+)_", hub).group(1))): name  # type: ignore[union-attr]
+    for name, (hub, dim) in ESM2_PRESETS.items()
+}
 
 SAFETENSORS_HINT = (
     "rdserve loads weights only from safetensors files (pickled .bin checkpoints can run code). "
@@ -122,8 +128,12 @@ class ESM2Family(ModelFamily, spec=FAMILY_SPECS["esm2"]):
                 levels.append(Level(name, dim, ref, revision))
             else:
                 local = Path(ref).is_dir()
-                dim = _config_hidden_size(ref, None if local else revision)
-                name = Path(ref).name if local else ref.rsplit("/", 1)[-1]
+                dim, layers = _config_shape(ref, None if local else revision)
+                # A copy of a published model is named by its size, as the hub ones are (and as
+                # the reference scaler files name it): 320 wide and 6 deep is 8M.
+                name = _PRESET_BY_SHAPE.get(
+                    (dim, layers), Path(ref).name if local else ref.rsplit("/", 1)[-1]
+                )
                 levels.append(
                     Level(
                         name,
@@ -231,11 +241,13 @@ class ESM2Family(ModelFamily, spec=FAMILY_SPECS["esm2"]):
         )
 
 
-def _config_hidden_size(ref: str, revision: str | None) -> int:
+def _config_shape(ref: str, revision: str | None) -> tuple[int, int]:
+    """(hidden size, number of layers) from a model's config.json."""
     from transformers import AutoConfig
 
     try:
-        return int(AutoConfig.from_pretrained(ref, revision=revision).hidden_size)
+        config = AutoConfig.from_pretrained(ref, revision=revision)
+        return int(config.hidden_size), int(config.num_hidden_layers)
     except OSError as e:
         lv = Level(os.path.basename(ref), 0, ref, revision)
         raise WeightsUnavailableError(
