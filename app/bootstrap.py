@@ -78,9 +78,11 @@ def packaged_sequences(n: int) -> list[str]:
     return clean_sequences(s for _, s in read_fasta(packaged_sample(), n))
 
 
-def _fit_progress(total: int) -> Callable[[int, int], None]:
-    """A fit progress callback that logs sequences and residues done every FIT_LOG_EVERY_S."""
-    done = {"seqs": 0, "res": 0, "last": time.monotonic(), "t0": time.monotonic()}
+def _fit_progress(total: int, residues: int) -> Callable[[int, int], None]:
+    """A fit progress callback: a log line (sequences and residues done, residues/s, ETA)
+    every FIT_LOG_EVERY_S and at the end — logs, not a bar, so it shows under any supervisor."""
+    t0 = time.monotonic()
+    done = {"seqs": 0, "res": 0, "last": t0}
 
     def tick(n_seqs: int, n_res: int) -> None:
         done["seqs"] += n_seqs
@@ -88,13 +90,18 @@ def _fit_progress(total: int) -> Callable[[int, int], None]:
         now = time.monotonic()
         if now - done["last"] >= FIT_LOG_EVERY_S or done["seqs"] == total:
             done["last"] = now
+            elapsed = now - t0
+            rate = done["res"] / elapsed if elapsed > 0 else 0.0
             log.info(
                 "fitting",
                 extra={
                     "sequences_done": done["seqs"],
                     "sequences": total,
                     "residues_done": done["res"],
-                    "elapsed_s": round(now - done["t0"], 1),
+                    "residues": residues,
+                    "residues_per_s": round(rate),
+                    "eta_s": round((residues - done["res"]) / rate) if rate else None,
+                    "elapsed_s": round(elapsed, 1),
                 },
             )
 
@@ -132,7 +139,7 @@ def ensure_artifact(settings: Settings) -> Path:
         device=settings.device,
         dtype=settings.dtype,
         token_budget=settings.token_budget,
-        progress=_fit_progress(len(seqs)),
+        progress=_fit_progress(len(seqs), sum(map(len, seqs))),
         source=PACKAGED_SAMPLE,
         cache_dir=settings.cache_dir,
     )

@@ -62,6 +62,17 @@ def make_app(tiny_artifact):
 
 
 @pytest.fixture
+def client(make_app):
+    """A ready embedded app with default settings (TestClient)."""
+    from tests.helpers import wait_ready
+
+    c, _ = make_app()
+    with c:
+        wait_ready(c)
+        yield c
+
+
+@pytest.fixture
 def redis_server(tmp_path):
     """A private redis-server on a free port (no persistence) that the test may stop and restart."""
     from tests.procs import RedisServer

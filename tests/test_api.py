@@ -15,14 +15,6 @@ from tests.helpers import metric, wait_ready
 SEQS = ["MKTAYIAKQRQISFVKSHFSRQ", "GSHMLEDPVDAFQ", "MVLSPADKTNVKAAWGKVGAHAGEYGAEAL"]
 
 
-@pytest.fixture
-def client(make_app):
-    c, _ = make_app()
-    with c:
-        wait_ready(c)
-        yield c
-
-
 def embed(client, **body):
     return client.post("/v1/embeddings", json={"input": SEQS, **body})
 

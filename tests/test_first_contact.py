@@ -217,3 +217,28 @@ def test_threads_setting_reaches_the_embedder(tiny_artifact):
         "make_embedder(s, load_artifact(s.artifact)); print(torch.get_num_threads())"
     )
     assert run_python(code) == "1"
+
+
+def test_a_fit_on_first_start_logs_its_progress(tiny_esm_dirs, tmp_path, caplog, monkeypatch):
+    """A missing artifact of a configured chain is fitted on start: its progress is log lines
+    (with rate and ETA), which show however stdout is connected."""
+    import logging
+
+    import app.bootstrap as boot
+    from app.settings import Settings
+
+    monkeypatch.setattr(boot, "FIT_LOG_EVERY_S", 0.0)
+    s = Settings(
+        models=",".join(str(d) for d in tiny_esm_dirs),
+        data_dir=tmp_path,
+        fit_sequences=12,
+        token_budget=1024,
+        device="cpu",
+    )
+    with caplog.at_level(logging.INFO, logger="app.bootstrap"):
+        path = boot.ensure_artifact(s)
+    assert path.is_file()
+    ticks = [r for r in caplog.records if r.getMessage() == "fitting"]
+    assert len(ticks) >= 2 and ticks[-1].sequences_done == 12
+    assert [t.sequences_done for t in ticks] == sorted(t.sequences_done for t in ticks)
+    assert all(t.residues_per_s > 0 and t.eta_s is not None for t in ticks)

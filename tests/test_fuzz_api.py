@@ -108,26 +108,31 @@ SURROGATE_TEXT = st.text(
 
 
 def _with_surrogates(body: object) -> st.SearchStrategy:
-    """The generated body with one of its strings (or a key) replaced by surrogate text."""
-    if not isinstance(body, dict) or not body:
+    """The generated body with surrogate text in one string field or key. For ``ids`` the
+    sequences are made valid, so that the ids get as far as the response (and the .npz)."""
+    if not isinstance(body, dict) or "input" not in body:
         return st.just(body)
-    keys = sorted(body)
+    raw = body["input"]
+    n = len(raw) if isinstance(raw, list) and raw else 1
 
-    def place(key: str, text: str, item: int) -> dict:
+    def place(field: str, text: str, item: int) -> dict:
         out = dict(body)
-        value = out[key]
-        if isinstance(value, list) and value:
-            value = list(value)
-            value[item % len(value)] = text
-        elif key in ("input", "ids", "model", "user") or isinstance(value, str):
-            value = text if key != "ids" else [text]
-        else:  # a non-string field: the surrogate text becomes an unknown field's name
-            out[text] = value
-            return out
-        out[key] = value
+        if field == "ids":
+            ids = [f"id{i}" for i in range(n)]
+            ids[item % n] = text
+            out["input"], out["ids"] = ["MKTAYIAKQRQ"] * n, ids
+        elif field == "input":
+            seqs = list(raw) if isinstance(raw, list) and raw else ["MKV"]
+            seqs[item % len(seqs)] = text
+            out["input"] = seqs
+        elif field in ("model", "user"):
+            out[field] = text
+        else:  # an unknown field named by the surrogate text
+            out[text] = 1
         return out
 
-    return st.builds(place, st.sampled_from(keys), SURROGATE_TEXT, st.integers(0, 50))
+    fields = st.sampled_from(["ids", "ids", "ids", "input", "model", "user", "key"])
+    return st.builds(place, fields, SURROGATE_TEXT, st.integers(0, 50))
 
 
 def test_schemathesis_with_surrogate_strings_finds_no_5xx(keyed_server):

@@ -19,14 +19,6 @@ from tests.helpers import wait_ready
 SEQS = ["MKTAYIAKQRQISFVKSHFSRQ", "GSHMLEDPVDAFQ", "MVLSPADKTNVKAAWGKVGAHAGEYGAEAL"]
 
 
-@pytest.fixture
-def client(make_app):
-    c, _ = make_app()
-    with c:
-        wait_ready(c)
-        yield c
-
-
 def post(client, headers=None, **body):
     # json.dumps escapes lone surrogates (valid JSON); httpx's encoder would refuse them.
     return client.post(
