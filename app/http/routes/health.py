@@ -6,6 +6,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
+from app.core.dispatch import FleetStatus
 from app.core.service import EmbeddingService
 from app.http.levels import levels_info
 from app.http.schemas import LevelSummary, Limits, Liveness, Readiness, ServerInfo
@@ -21,14 +22,17 @@ async def live() -> Liveness:
     return Liveness()
 
 
-def _reason(workers: int, queue_ok: bool, error: str | None) -> str | None:
-    if not queue_ok:
-        return "queue_unavailable"
-    if error:
-        return "worker_error"
-    if not workers:
-        return "no_worker"
-    return None
+def _state(all_ready: bool, ready_dim: int, st: FleetStatus) -> tuple[str, str | None]:
+    """(status, reason): why it is not ready, the most specific cause first."""
+    if all_ready:
+        return "ready", None
+    if not st.queue_ok:
+        return "unavailable", "queue_unavailable"
+    if st.error and not ready_dim:
+        return "unavailable", "worker_error"
+    if not st.workers:
+        return "unavailable", "no_worker"
+    return "warming", "worker_error" if st.error else "warming"
 
 
 @router.get(
@@ -45,16 +49,13 @@ async def ready(request: Request) -> Response:
     service: EmbeddingService = request.app.state.service
     infos, ready_dim, st = await levels_info(service)
     all_ready = ready_dim == service.artifact.max_dim
-    reason = None if all_ready else _reason(st.workers, st.queue_ok, st.error)
-    status = "ready" if all_ready else ("unavailable" if reason else "warming")
-    if reason is None and not all_ready:
-        reason = "warming"
+    status, reason = _state(all_ready, ready_dim, st)
     body = Readiness(
-        status=status,
+        status=status,  # type: ignore[arg-type]
         ready_up_to_dimensions=ready_dim,
         mode=service.dispatcher.mode,
         workers=st.workers,
-        reason=reason if not all_ready else None,
+        reason=reason,
     )
     if request.scope["state"].get("authenticated", True):
         body.levels = infos
