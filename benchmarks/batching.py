@@ -14,14 +14,14 @@ from benchmarks.common import (
     timed,
     uniref,
 )
-from models.batching import DEFAULT_TOKEN_BUDGET, fixed_batches, padding_fraction, plan_batches
+from models.batching import default_token_budget, fixed_batches, padding_fraction, plan_batches
 from models.families import build_chain
 
 
 def run(
     n_seqs: int = 128,
     reps: int = 3,
-    token_budget: int = DEFAULT_TOKEN_BUDGET["cpu"],
+    token_budget: int = default_token_budget("cpu"),
     quick: bool = False,
 ) -> dict[str, Any]:
     # Padding on the whole UniRef90 sample's length distribution (≤ 1022: the model's context).

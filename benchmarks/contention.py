@@ -6,7 +6,8 @@ barrier, so a preempted thread stalls its partner: losing a slice of one core co
 forward about twice that. This script measures it directly. A "noise" process busy-loops for
 ``busy`` ms, then sleeps ``idle`` ms (about what an API process spends per request in
 distributed mode, docs/performance.md); the tiny chain extracts the same 192 UniRef90
-sequences with and without it, interleaved.
+sequences with and without it, interleaved, with torch running 2 threads and 1 thread
+(RDSERVE_THREADS / --threads): what the threads setting trades.
 
     python benchmarks/contention.py [--reps 3] [--quick]   # → benchmarks/results/contention.json
 """
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a plain script
+
+import torch
 
 from benchmarks.common import (
     RESULTS,
@@ -49,6 +52,12 @@ while True:
 
 #: (busy ms, idle ms) of the noise process; its share of one core is busy / (busy + idle).
 NOISE = {"none": None, "17% of a core": (1.0, 5.0), "33% of a core": (1.0, 2.0)}
+#: torch intra-op threads of each arm (the machine's cores, and one).
+THREADS = (2, 1)
+
+
+def arm_name(threads: int, noise: str) -> str:
+    return f"{threads} thread{'s' if threads > 1 else ''}, {noise}"
 
 
 def run(reps: int = 3, n_seqs: int = 192) -> dict[str, Any]:
@@ -59,10 +68,13 @@ def run(reps: int = 3, n_seqs: int = 192) -> dict[str, Any]:
     seqs = uniref(max_len=1022, seed=11)[:n_seqs]
     residues = sum(map(len, seqs))
     stop = len(art.levels) - 1
-    cpu: dict[str, list[float]] = {name: [] for name in NOISE}
+    arms = {arm_name(t, n): (t, n) for t in THREADS for n in NOISE}
+    cpu: dict[str, list[float]] = {name: [] for name in arms}
 
     def arm(name: str) -> float:
-        spec = NOISE[name]
+        threads, noise_name = arms[name]
+        torch.set_num_threads(threads)
+        spec = NOISE[noise_name]
         noise = (
             subprocess.Popen([sys.executable, "-c", NOISE_LOOP, *map(str, spec)]) if spec else None
         )
@@ -78,14 +90,21 @@ def run(reps: int = 3, n_seqs: int = 192) -> dict[str, Any]:
                 noise.wait()
         return residues / wall
 
-    rates = interleaved({name: (lambda n=name: arm(n)) for name in NOISE}, reps)
+    rates = interleaved({name: (lambda n=name: arm(n)) for name in arms}, reps)
     return {
         "chain": [lv.name for lv in art.levels],
         "sequences": len(seqs),
         "residues": residues,
         "noise_busy_idle_ms": NOISE,
+        "threads": list(THREADS),
         "residues_per_s": {n: summary(v) for n, v in rates.items()},
-        "over_quiet": {n: ratio_summary(v, rates["none"]) for n, v in rates.items()},
+        "over_quiet": {
+            n: ratio_summary(v, rates[arm_name(arms[n][0], "none")]) for n, v in rates.items()
+        },
+        "one_over_two_threads": {
+            noise: ratio_summary(rates[arm_name(1, noise)], rates[arm_name(2, noise)])
+            for noise in NOISE
+        },
         # interleaved() runs each arm once first as warm-up: keep the measured repetitions only.
         "cpu_s_per_1k_residues": {n: summary(v[-reps:]) for n, v in cpu.items()},
     }
@@ -95,7 +114,7 @@ def markdown(res: dict[str, Any]) -> str:
     lines = [
         f"**Contention** (tiny chain, {res['sequences']} sequences, {res['residues']:,} residues)",
         "",
-        "| beside the forward | residues/s | / quiet | forward CPU s per 1k residues |",
+        "| threads, beside the forward | residues/s | / quiet (same threads) | forward CPU s per 1k residues |",
         "|---|---|---|---|",
     ]
     for n in res["residues_per_s"]:
@@ -104,6 +123,9 @@ def markdown(res: dict[str, Any]) -> str:
             f"{fmt_range(res['over_quiet'][n])} | "
             f"{fmt_range(res['cpu_s_per_1k_residues'][n], '.3f')} |"
         )
+    lines += ["", "| beside the forward | 1 thread / 2 threads (residues/s) |", "|---|---|"]
+    for noise, r in res.get("one_over_two_threads", {}).items():
+        lines.append(f"| {noise} | {fmt_range(r)} |")
     return "\n".join(lines)
 
 

@@ -29,7 +29,7 @@ from benchmarks.common import (
 )
 from benchmarks.extraction import artifact_for
 from models.artifact import Artifact
-from models.batching import DEFAULT_TOKEN_BUDGET
+from models.batching import default_token_budget
 from models.embedder import Embedder
 from models.extract import Pooling
 from models.families import build_chain
@@ -242,7 +242,7 @@ def run(
         )
         for name, (refs, scale) in chains(quick).items()
     }
-    return {"token_budget": token_budget or DEFAULT_TOKEN_BUDGET["cpu"], "chains": results}
+    return {"token_budget": token_budget or default_token_budget("cpu"), "chains": results}
 
 
 QUICK = {"reps": 1, "n_miss": 8, "hit_seconds": 1.0, "concurrency": 4}

@@ -215,7 +215,7 @@ def duplicates(rng: random.Random, pool: Pool) -> Req:
 
 
 def invalid_sequence(rng: random.Random, pool: Pool) -> Req:
-    """One bad item at a random index i among valid ones: 422 naming exactly input[i]."""
+    """One bad item at a random index i among valid ones: 400 naming exactly input[i]."""
     items = pool.draw(rng, "mean", rng.randint(1, 6))
     inputs: list[Any] = [pool.seqs[j] for j in items]
     i = rng.randrange(len(inputs))
@@ -237,7 +237,7 @@ def invalid_sequence(rng: random.Random, pool: Pool) -> Req:
     if rng.random() < 0.3:
         body["pooling"] = "per_residue"
     return Req(
-        "invalid_sequence", body, status=422, param=f"input[{i}]", code=code, message=message
+        "invalid_sequence", body, status=400, param=f"input[{i}]", code=code, message=message
     )
 
 
@@ -245,12 +245,12 @@ def bad_dimensions(rng: random.Random, pool: Pool) -> Req:
     k = rng.choice([0, -rng.randint(1, 100), pool.art.max_dim + rng.randint(1, 1000)])
     body = {"input": [pool.seqs[i] for i in pool.draw(rng, "mean", 2)], "dimensions": k}
     code = "invalid_dimensions" if k > 0 else "greater_than_equal"
-    return Req("bad_dimensions", body, status=422, param="dimensions", code=code)
+    return Req("bad_dimensions", body, status=400, param="dimensions", code=code)
 
 
 def empty_input(rng: random.Random, pool: Pool) -> Req:
     body = {"input": [], "dimensions": rng.randint(1, pool.art.max_dim)}
-    return Req("empty_input", body, status=422, param="input", code="empty_input")
+    return Req("empty_input", body, status=400, param="input", code="empty_input")
 
 
 def unknown_field(rng: random.Random, pool: Pool) -> Req:
@@ -259,7 +259,7 @@ def unknown_field(rng: random.Random, pool: Pool) -> Req:
     return Req(
         "unknown_field",
         body,
-        status=422,
+        status=400,
         param=name,
         code="extra_forbidden",
         message=f"unknown field {name!r}",
@@ -657,7 +657,7 @@ def machine_busy_s() -> float:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
-#: API counters worth reading after a run: error responses by code (the 422s included), cache
+#: API counters worth reading after a run: error responses by code (the 400s included), cache
 #: failures, worker replies nobody waited for, jobs queued again after a Redis restart.
 API_COUNTERS = (
     "rdserve_errors",

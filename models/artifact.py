@@ -230,7 +230,10 @@ def check_levels_match(artifact: Artifact, family: str, levels: tuple[Level, ...
                 f"level {i} ({a.name}): artifact expects dim {a.dim}, runtime model "
                 f"{r.model_id} has dim {r.dim}"
             )
-        if (a.model_id, a.revision) != (r.model_id, r.revision):
+        # A local copy named like the artifact's level (the family names copies of published
+        # models by their size) is the same model: nothing to warn about.
+        same_copy = a.name == r.name and Path(r.model_id).is_dir()
+        if (a.model_id, a.revision) != (r.model_id, r.revision) and not same_copy:
             warnings.append(
                 f"level {i} ({a.name}): artifact was fitted on "
                 f"{a.model_id}@{a.revision or 'default'}, "

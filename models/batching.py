@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-#: Default tokens per batch by device type.  On CPU, throughput *falls* with batch size once the
-#: activations leave the cache (ESM-2 8M, 2 cores: ~7k residues/s at 1,536 tokens vs ~3k at
-#: 8,192; benchmarks/results/extraction.json); a GPU needs large batches to stay busy.
-DEFAULT_TOKEN_BUDGET = {"cpu": 1536, "cuda": 16384}
+from models.specs import family_spec
 
 
-def default_token_budget(device_type: str) -> int:
-    """The default token budget for a device type ('cpu', 'cuda', …)."""
-    return DEFAULT_TOKEN_BUDGET.get(device_type, DEFAULT_TOKEN_BUDGET["cuda"])
+def default_token_budget(device_type: str, family: str = "esm2") -> int:
+    """The default token budget of ``family`` on a device type ('cpu', 'cuda', …): defaults
+    that depend on the family belong to it (``models.specs.FamilySpec.token_budgets``)."""
+    return family_spec(family).token_budget(device_type)
 
 
 def plan_batches(

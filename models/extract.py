@@ -116,7 +116,7 @@ class Extractor:
         if family.max_residues is not None and not 0 <= chunk_overlap < family.max_residues:
             raise ValueError(f"chunk_overlap must be in [0, {family.max_residues})")
         self.family = family
-        self.token_budget = token_budget or default_token_budget(family.device.type)
+        self.token_budget = token_budget or default_token_budget(family.device.type, family.name)
         self.chunk_overlap = chunk_overlap
 
     def plan(

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import re
+import sys
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import TextIO
 
 #: The 20 standard amino acids plus the ambiguity/rare codes every supported family tokenises.
 ALPHABET = "ACDEFGHIKLMNPQRSTVWY" + "XBZUO"
@@ -40,6 +44,13 @@ class Pooling(StrEnum):
     mean = "mean"  # mean over residues (special tokens and padding excluded)
     per_residue = "per_residue"  # one vector per residue
     bos = "bos"  # the start-token representation
+
+    @classmethod
+    def _missing_(cls, value: object) -> Pooling | None:
+        """One spelling, per_residue; the CLI-style 'per-residue' (any case) is accepted too."""
+        if isinstance(value, str):
+            return cls._value2member_map_.get(value.lower().replace("-", "_"))  # type: ignore[return-value]
+        return None
 
 
 class Handling(StrEnum):
@@ -98,11 +109,26 @@ def sequences_digest(seqs: Iterable[str]) -> str:
     return h.hexdigest()
 
 
+@contextmanager
+def open_text(path: str | Path) -> Iterator[TextIO]:
+    """A FASTA source as text: a file, a gzip file (by its magic bytes), or "-" for stdin."""
+    if str(path) == "-":
+        yield sys.stdin
+        return
+    with open(path, "rb") as probe:
+        gz = probe.read(2) == b"\x1f\x8b"
+    with gzip.open(path, "rt") if gz else open(path) as fh:
+        yield fh
+
+
 def iter_fasta(path: str | Path) -> Iterator[tuple[str, str]]:
-    """Yield (id, sequence) records; the id is the header up to the first whitespace."""
+    """Yield (id, sequence) records; the id is the header up to the first whitespace.
+
+    ``path`` may be gzip-compressed, or "-" for standard input.
+    """
     name: str | None = None
     parts: list[str] = []
-    with open(path) as fh:
+    with open_text(path) as fh:
         for line in fh:
             line = line.strip()
             if line.startswith(">"):

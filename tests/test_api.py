@@ -15,14 +15,6 @@ from tests.helpers import metric, wait_ready
 SEQS = ["MKTAYIAKQRQISFVKSHFSRQ", "GSHMLEDPVDAFQ", "MVLSPADKTNVKAAWGKVGAHAGEYGAEAL"]
 
 
-@pytest.fixture
-def client(make_app):
-    c, _ = make_app()
-    with c:
-        wait_ready(c)
-        yield c
-
-
 def embed(client, **body):
     return client.post("/v1/embeddings", json={"input": SEQS, **body})
 
@@ -151,7 +143,7 @@ def test_long_sequences(client):
     r = client.post(
         "/v1/embeddings", json={"input": ["MKV", long], "long_sequence_policy": "error"}
     )
-    assert r.status_code == 422 and r.json()["error"]["param"] == "input[1]"
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input[1]"
     assert "exceeds the model context of 1022" in r.json()["error"]["message"]
     d = client.post("/v1/embeddings", json={"input": ["MKV", long]}).json()["data"]
     assert [x["truncated"] for x in d] == [False, True] and d[1]["residues"] == 1022
@@ -166,49 +158,49 @@ def test_long_sequences(client):
     [
         (
             {"input": ["MKV", "MKJV"]},
-            422,
+            400,
             "input[1]",
             "invalid_sequence",
             "invalid residue 'J' at position 3",
         ),
-        ({"input": ["MKV", " "]}, 422, "input[1]", "invalid_sequence", "empty sequence"),
-        ({"input": []}, 422, "input", "empty_input", "at least one sequence"),
+        ({"input": ["MKV", " "]}, 400, "input[1]", "invalid_sequence", "empty sequence"),
+        ({"input": []}, 400, "input", "empty_input", "at least one sequence"),
         (
             {"input": "MKV", "dimensions": 0},
-            422,
+            400,
             "dimensions",
             "greater_than_equal",
             "greater than or equal to 1",
         ),
         (
             {"input": "MKV", "dimensions": 65},
-            422,
+            400,
             "dimensions",
             "invalid_dimensions",
             "between 1 and 64, got 65",
         ),
-        ({"input": ["M"] * 6}, 422, "input", "too_many_sequences", "6 sequences; the limit is 5"),
+        ({"input": ["M"] * 6}, 413, "input", "too_many_sequences", "6 sequences; the limit is 5"),
         (
             {"input": ["M" * 60, "M" * 50]},
-            422,
+            413,
             "input",
             "too_many_residues",
             "110 residues; the limit is 100",
         ),
-        ({"input": "MKV", "bogus": 1}, 422, "bogus", "extra_forbidden", "unknown field 'bogus'"),
-        ({"input": [1, 2]}, 422, "input", "string_type", "input"),
-        ({"input": ["MKV", 7]}, 422, "input[1]", "string_type", "input[1]: Input should be"),
+        ({"input": "MKV", "bogus": 1}, 400, "bogus", "extra_forbidden", "unknown field 'bogus'"),
+        ({"input": [1, 2]}, 400, "input", "string_type", "input"),
+        ({"input": ["MKV", 7]}, 400, "input[1]", "string_type", "input[1]: Input should be"),
         (
             {"input": ["MKV", "MKW", "MKY"], "ids": ["a", "b", "a"]},
-            422,
+            400,
             "ids[2]",
             "duplicate_id",
             "ids[2] repeats ids[0] ('a')",
         ),
-        ({"input": "MKV", "pooling": "max"}, 422, "pooling", "enum", "pooling"),
+        ({"input": "MKV", "pooling": "max"}, 400, "pooling", "enum", "pooling"),
         (
             {"input": ["MKV"], "ids": ["a", "b"]},
-            422,
+            400,
             "ids",
             "ids_length_mismatch",
             "ids has 2 entries",
@@ -251,7 +243,7 @@ def test_body_over_the_limit_is_rejected_before_parsing(make_app):
             "/v1/embeddings", content=b"{not json", headers={"content-type": "application/json"}
         )
         err = r.json()["error"]
-        assert r.status_code == 422 and err["code"] == "json_invalid" and err["param"] == "body"
+        assert r.status_code == 400 and err["code"] == "json_invalid" and err["param"] == "body"
         assert "not valid JSON at character 1" in err["message"]
 
 

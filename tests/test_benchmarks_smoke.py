@@ -54,5 +54,18 @@ def test_benchmark_suite_quick(tmp_path):
 def test_contention_script_quick(tmp_path):
     run_script("benchmarks/contention.py", "--quick", "--results-dir", str(tmp_path))
     res = json.loads((tmp_path / "contention-quick.json").read_text())
-    assert set(res["residues_per_s"]) == {"none", "17% of a core", "33% of a core"}
-    assert res["over_quiet"]["none"]["median"] == 1.0
+    noise = ("none", "17% of a core", "33% of a core")
+    assert set(res["residues_per_s"]) == {
+        f"{t}, {n}" for t in ("2 threads", "1 thread") for n in noise
+    }
+    assert res["over_quiet"]["1 thread, none"]["median"] == 1.0
+    assert set(res["one_over_two_threads"]) == set(noise)
+
+
+def test_first_contact_script(tmp_path, unirep_cache):
+    run_script(
+        "benchmarks/first_contact.py", "--reps", "1", "--fit", "", "--cache-dir", str(unirep_cache),
+        "--results-dir", str(tmp_path),
+    )  # fmt: skip
+    res = json.loads((tmp_path / "first_contact.json").read_text())
+    assert res["shipped"]["median"] > 0 and res["fit_on_start"] == {}

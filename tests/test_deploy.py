@@ -566,7 +566,7 @@ def test_dashboard_queries_only_exposed_metrics(make_app):
                     "/v1/embeddings", json={"input": SEQS, "dimensions": 40, "pooling": pooling}
                 )
                 assert r.status_code == 200, r.text
-        assert c.post("/v1/embeddings", json={"input": ["MKJ"]}).status_code == 422
+        assert c.post("/v1/embeddings", json={"input": ["MKJ"]}).status_code == 400
         exposed = sample_names(c.get("/metrics").text)
     used = set().union(
         *(promql_metric_names(e) for e in dashboard_exprs(json.loads(DASHBOARD.read_text())))
@@ -822,7 +822,7 @@ def test_compose_topology_runs_as_processes(compose, tiny_artifact, tmp_path):
         assert again.status_code == 200, again.text
         assert [d["cache"] for d in again.json()["data"]] == ["full_hit"] * len(SEQS)
         bad = httpx.post(f"{base}/v1/embeddings", json={"input": ["MKJ"]}, timeout=10)
-        assert bad.status_code == 422 and bad.json()["error"]["param"] == "input[0]"
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "input[0]"
 
         # The containers' health checks pass against the processes.
         for name, env in [("api", api_env), *(("worker", e) for e in worker_envs)]:

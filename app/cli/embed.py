@@ -8,44 +8,90 @@ from typing import Annotated
 import numpy as np
 import typer
 
-from app.cli.inputs import long_sequence_report, read_sequences
+from app.cli.inputs import OnInvalid, long_sequence_report, read_sequences, skipped_report
 from app.cli.ui import (
     BudgetOpt,
     DeviceOpt,
     DtypeOpt,
     ModelsOpt,
+    ThreadsOpt,
     comma_list,
     err,
-    progress_bar,
+    progress,
     user_errors,
 )
-from models.formats import write_npy, write_npz
+from models.blocks import ItemFailure, assemble
+from models.formats import member_name_problem, write_npy, write_npz
 from models.sequences import LongSequencePolicy, Pooling, first_duplicate
+from models.specs import family_spec
 
-#: Sequences embedded per slice: bounds memory (each slice is length-sorted and batched).
+#: Sequences planned (length-sorted and batched) together: bounds memory; progress moves per
+#: batch within a slice.
 SLICE = 2048
 
 
+def parse_pooling(text: str | Pooling) -> Pooling:
+    """One spelling, per_residue; per-residue (the old CLI form) is accepted too."""
+    try:
+        return Pooling(text)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: choose mean, per_residue or bos") from None
+
+
+def ids_path(out: Path) -> Path:
+    """The sidecar that names the rows of a .npy: emb.npy → emb.ids.txt (one id per line)."""
+    return out.with_suffix(".ids.txt")
+
+
 def embed(
-    artifact: Annotated[Path, typer.Option(help="projection artifact")],
-    fasta: Annotated[Path, typer.Option(exists=True, dir_okay=False)],
+    artifact: Annotated[Path, typer.Option(help="projection artifact (.safetensors)")],
+    fasta: Annotated[str, typer.Option(help="FASTA file (gzip too), or - for standard input")],
     dimensions: Annotated[int, typer.Option(help="k: output dims (≤ the artifact's max)")],
-    out: Annotated[Path, typer.Option(help=".npy (pooled) or .npz (per-residue)")],
-    pooling: Annotated[str, typer.Option(help="mean | per-residue | bos")] = "mean",
+    out: Annotated[
+        Path,
+        typer.Option(
+            help=".npy: N×k in FASTA order, ids in <name>.ids.txt beside it; .npz: one array "
+            "per FASTA id (k, or L×k per residue)"
+        ),
+    ],
+    pooling: Annotated[
+        Pooling,
+        typer.Option(
+            parser=parse_pooling,
+            metavar="<mean|per_residue|bos>",
+            help="mean, per_residue (per-residue accepted) or bos",
+        ),
+    ] = Pooling.mean,
     long_sequence_policy: Annotated[
-        LongSequencePolicy, typer.Option()
+        LongSequencePolicy,
+        typer.Option(help="sequences over the model context: error, truncate or chunk"),
     ] = LongSequencePolicy.truncate,
     normalize: Annotated[bool, typer.Option(help="L2-normalise after truncating to k")] = False,
+    on_invalid: Annotated[
+        OnInvalid,
+        typer.Option(help="records with invalid residues: error (stop) or skip (report them)"),
+    ] = OnInvalid.error,
+    strip_stop: Annotated[
+        bool, typer.Option(help="remove one trailing '*' (stop codon) from each record")
+    ] = False,
     models: ModelsOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     token_budget: BudgetOpt = None,
+    threads: ThreadsOpt = None,
 ) -> None:
-    """Embed a FASTA file offline: .npy (N×k, FASTA order) or .npz keyed by FASTA id."""
+    """Embed a FASTA file offline into .npy (+ ids) or .npz keyed by FASTA id."""
     from models.embedder import Embedder
+    from models.families.base import set_threads
 
     with user_errors():
-        pool = Pooling(pooling.replace("-", "_"))
+        if out.suffix not in (".npy", ".npz"):
+            raise ValueError("--out must end in .npy (N×k, ids beside it) or .npz (keyed by id)")
+        if pooling == Pooling.per_residue and out.suffix != ".npz":
+            raise ValueError("per-residue output is written as .npz (one L×k array per FASTA id)")
+        if fasta != "-" and not Path(fasta).is_file():
+            raise ValueError(f"--fasta {fasta}: no such file")
+        set_threads(threads)
         embedder = Embedder.from_artifact(
             artifact,
             models=comma_list(models) if models else None,
@@ -53,39 +99,50 @@ def embed(
             dtype=dtype,
             token_budget=token_budget,
         )
-        stop = embedder.artifact.level_for_dim(dimensions)
-        ids, seqs = read_sequences(fasta)
-        if pool == Pooling.per_residue and out.suffix != ".npz":
-            raise ValueError("per-residue output is written as .npz (one array per FASTA id)")
-        if pool != Pooling.per_residue and out.suffix != ".npy":
-            raise ValueError("pooled output is written as .npy (N×k float32)")
-        dup = first_duplicate(ids) if pool == Pooling.per_residue else None
-        if dup is not None:
-            raise ValueError(
-                f"FASTA ids must be unique for .npz output: record {dup[0]} repeats "
-                f"record {dup[1]} ({ids[dup[0]]!r})"
-            )
-        note = long_sequence_report(ids, seqs, embedder.family.max_residues, long_sequence_policy)
-        results: list[np.ndarray] = []
-        with progress_bar() as bar:
-            task = bar.add_task("embed", total=len(seqs), residues=0)
-            res = 0
-            for lo in range(0, len(seqs), SLICE):
-                vecs, items = embedder.embed(
-                    seqs[lo : lo + SLICE], dimensions, pool, long_sequence_policy, normalize
+        art = embedder.artifact
+        family_spec(art.family).check_pooling(pooling)  # before any work, as the API does
+        stop = art.level_for_dim(dimensions)
+        recs = read_sequences(fasta, on_invalid=on_invalid, strip_stop=strip_stop)
+        ids, seqs = recs.ids, recs.seqs
+        if out.suffix == ".npz":
+            if (dup := first_duplicate(ids)) is not None:
+                raise ValueError(
+                    f"FASTA ids must be unique for .npz output: {ids[dup[0]]!r} appears twice "
+                    f"(sequences {dup[1] + 1} and {dup[0] + 1} read)"
                 )
-                results.extend(vecs)
-                res += sum(it.residues for it in items)
-                bar.update(task, advance=len(vecs), residues=res)
+            for name in ids:
+                if (why := member_name_problem(name)) is not None:
+                    raise ValueError(f"FASTA id {name!r} cannot key an .npz member: {why}")
+        note = long_sequence_report(ids, seqs, embedder.family.max_residues, long_sequence_policy)
+        results: list[np.ndarray | None] = [None] * len(seqs)
+        with progress("embed", len(seqs), sum(map(len, seqs))) as advance:
+            for lo in range(0, len(seqs), SLICE):
+                part = seqs[lo : lo + SLICE]
+                for done in embedder.iter_compute(part, stop, 0, pooling, long_sequence_policy):
+                    for i, item in done:
+                        if isinstance(item, ItemFailure):
+                            raise ValueError(
+                                f"record {ids[lo + i]!r} could not be embedded: {item.message}"
+                            )
+                        results[lo + i] = assemble(item.blocks, dimensions, normalize)
+                    advance(len(done), sum(len(part[i]) for i, _ in done))
+        vectors = [r for r in results if r is not None]
         out.parent.mkdir(parents=True, exist_ok=True)
-        if pool == Pooling.per_residue:
-            write_npz(out, dict(zip(ids, results, strict=True)))
+        if out.suffix == ".npz":
+            write_npz(out, dict(zip(ids, vectors, strict=True)))
         else:
-            write_npy(out, results)
-        levels = embedder.artifact.levels[: stop + 1]
+            write_npy(out, vectors)
+            ids_path(out).write_text("".join(f"{i}\n" for i in ids))
+        levels = art.levels[: stop + 1]
+        where = f"{out} and {ids_path(out)}" if out.suffix == ".npy" else str(out)
         err.print(
-            f"wrote {out} ({len(seqs)} sequences, k={dimensions}, levels run: "
-            f"{', '.join(lv.name for lv in levels)})"
+            f"wrote {where} ({len(seqs)} sequences, k={dimensions}, levels run: "
+            f"{', '.join(lv.name for lv in levels)})",
+            highlight=False,
+            soft_wrap=True,
         )
         if note:
-            err.print(note)
+            err.print(note, highlight=False, soft_wrap=True)
+        if recs.skipped:
+            report = skipped_report(recs.skipped, out.with_suffix(".skipped.tsv"))
+            err.print(report, highlight=False, soft_wrap=True)

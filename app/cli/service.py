@@ -24,6 +24,10 @@ DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N, auto [RD
 DtypeOpt = Annotated[
     str | None, typer.Option(help="auto, float32, bfloat16, float16 [RDSERVE_DTYPE]")
 ]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(help="CPU threads of model forwards (default: usable cores) [RDSERVE_THREADS]"),
+]
 
 
 def _settings(**overrides: Any) -> Settings:
@@ -59,9 +63,15 @@ def serve(
     family: FamilyOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Run the HTTP API (embedded worker; or distributed with --redis-url)."""
-    from app.bootstrap import distributed_service, embedded_service, load_served_artifact
+    from app.bootstrap import (
+        distributed_service,
+        embedded_service,
+        load_served_artifact,
+        resolve_family,
+    )
     from app.http.app import create_app
     from app.http.server import bind
     from app.http.server import serve as serve_http
@@ -76,6 +86,7 @@ def serve(
         family=family,
         device=device,
         dtype=dtype,
+        threads=threads,
     )
     logs.configure(s.log_level)
     try:  # before anything loads: a port that is taken fails the start at once
@@ -83,14 +94,18 @@ def serve(
     except OSError as e:
         raise _listen_error("the API", s.host, s.port, "--port / RDSERVE_PORT", e) from None
     with user_errors():
+        s, selection = resolve_family(s)
         art = load_served_artifact(s)
         if s.redis_url:
-            service = distributed_service(s, art)
+            service = distributed_service(s, art, selection)
         else:
-            service = embedded_service(s, art, on_fatal=_stop_server)
+            service = embedded_service(s, art, on_fatal=_stop_server, family_selection=selection)
     err.print(
-        f"serving {art.name} (max k = {art.max_dim}) on http://{s.host}:{sock.getsockname()[1]} "
-        f"({'distributed via ' + s.redis_url if s.redis_url else 'embedded'})"
+        f"serving {art.name} (family {art.family}: {selection}; max k = {art.max_dim}) on "
+        f"http://{s.host}:{sock.getsockname()[1]} "
+        f"({'distributed via ' + s.redis_url if s.redis_url else 'embedded'})",
+        highlight=False,
+        soft_wrap=True,
     )
     serve_http(create_app(service), sock, s, service.dispatcher.drain)
 
@@ -112,11 +127,12 @@ def worker(
     metrics_host: Annotated[
         str | None, typer.Option(help="bind address of that port [RDSERVE_METRICS_HOST]")
     ] = None,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Run a worker: consume tasks from Redis, run the chain, reply (one per GPU)."""
     import redis
 
-    from app.bootstrap import load_served_artifact, make_embedder, make_worker
+    from app.bootstrap import load_served_artifact, make_embedder, make_worker, resolve_family
     from app.http.worker_endpoint import WorkerEndpoint
     from app.transport.consumer import Heartbeat, RedisTaskSource
     from app.transport.keys import default_worker_id, new_consumer
@@ -131,6 +147,7 @@ def worker(
         worker_id=worker_id,
         metrics_port=metrics_port,
         metrics_host=metrics_host,
+        threads=threads,
     )
     logs.configure(s.log_level)
     if not s.redis_url:
@@ -150,6 +167,7 @@ def worker(
                 e,
             ) from None
     with user_errors():
+        s, _ = resolve_family(s)
         art = load_served_artifact(s)
         embedder = make_embedder(s, art)
         client = redis.Redis.from_url(

@@ -22,6 +22,7 @@ from app.core.tasks import ItemResult, Task, WorkItem
 from app.settings import Settings
 from models.artifact import Artifact
 from models.blocks import assemble
+from models.formats import member_name_problem
 from models.sequences import (
     Handling,
     LongSequencePolicy,
@@ -47,6 +48,8 @@ class EmbedQuery:
     pooling: Pooling = Pooling.mean  # mean | per_residue | bos
     policy: LongSequencePolicy = LongSequencePolicy.truncate  # for sequences over the context
     normalize: bool = False  # L2-normalise after truncating to k
+    value_bytes: float = 4.0  # bytes per returned number in the response's encoding
+    encoding: str = "binary"  # what value_bytes describes, for the 413 message
 
 
 @dataclass(slots=True)
@@ -72,9 +75,17 @@ class EmbeddingService:
     """Serves one artifact through a cache and a dispatcher."""
 
     def __init__(
-        self, artifact: Artifact, cache: Cache, dispatcher: Dispatcher, settings: Settings
+        self,
+        artifact: Artifact,
+        cache: Cache,
+        dispatcher: Dispatcher,
+        settings: Settings,
+        family_selection: str = "configured",
+        token_budget: int | None = None,
     ) -> None:
         self.artifact = artifact
+        self.family_selection = family_selection  # how the family was chosen, for /info
+        self.token_budget = token_budget  # the worker's batch budget, when the API knows it
         self.cache = cache
         self.dispatcher = dispatcher
         self.settings = settings
@@ -89,13 +100,14 @@ class EmbeddingService:
         raw = q.inputs
         if not raw:
             raise APIError(
-                422, "input must contain at least one sequence", param="input", code="empty_input"
+                400, "input must contain at least one sequence", param="input", code="empty_input"
             )
         s = self.settings
         if len(raw) > s.max_sequences:
             raise APIError(
-                422,
-                f"input has {len(raw)} sequences; the limit is {s.max_sequences}",
+                413,
+                f"input has {len(raw)} sequences; the limit is {s.max_sequences} "
+                "(GET /info lists the limits): split the request",
                 param="input",
                 code="too_many_sequences",
             )
@@ -109,7 +121,7 @@ class EmbeddingService:
             )
         if q.ids is not None and len(q.ids) != len(raw):
             raise APIError(
-                422,
+                400,
                 f"ids has {len(q.ids)} entries but input has {len(raw)}",
                 param="ids",
                 code="ids_length_mismatch",
@@ -118,27 +130,26 @@ class EmbeddingService:
         if q.ids is not None and (dup := first_duplicate(q.ids)) is not None:
             i, j = dup
             raise APIError(
-                422,
+                400,
                 f"ids[{i}] repeats ids[{j}] ({q.ids[i]!r}); ids must be unique",
                 param=f"ids[{i}]",
                 code="duplicate_id",
             )
+        for i, id_ in enumerate(q.ids or ()):
+            if (why := member_name_problem(id_)) is not None:
+                raise APIError(400, f"ids[{i}]: {why}", param=f"ids[{i}]", code="invalid_id")
         k = q.dimensions if q.dimensions is not None else self.artifact.max_dim
         if not 1 <= k <= self.artifact.max_dim:
             raise APIError(
-                422,
+                400,
                 f"dimensions must be between 1 and {self.artifact.max_dim}, got {k}",
                 param="dimensions",
                 code="invalid_dimensions",
             )
-        if q.pooling == Pooling.bos and not self.family.has_bos:
-            raise APIError(
-                422,
-                f"family {self.artifact.family!r} has no start token; "
-                "use pooling 'mean' or 'per_residue'",
-                param="pooling",
-                code="unsupported_pooling",
-            )
+        try:
+            self.family.check_pooling(q.pooling)
+        except ValueError as e:
+            raise APIError(400, str(e), param="pooling", code="unsupported_pooling") from None
         seqs, handling = [], []
         total = 0
         for i, r in enumerate(raw):
@@ -146,24 +157,54 @@ class EmbeddingService:
                 seq = clean_sequence(r, i)
             except SequenceError as e:
                 raise APIError(
-                    422, f"input[{i}]: {e.reason}", param=f"input[{i}]", code="invalid_sequence"
+                    400, f"input[{i}]: {e.reason}", param=f"input[{i}]", code="invalid_sequence"
                 ) from None
             try:
                 handling.append(handling_for(i, len(seq), self.family.max_residues, q.policy))
             except SequenceError as e:
                 raise APIError(
-                    422, f"input[{i}]: {e.reason}", param=f"input[{i}]", code="sequence_too_long"
+                    400, f"input[{i}]: {e.reason}", param=f"input[{i}]", code="sequence_too_long"
                 ) from None
             total += len(seq)
             seqs.append(seq)
         if total > s.max_residues:
             raise APIError(
-                422,
-                f"input has {total} residues; the limit is {s.max_residues}",
+                413,
+                f"input has {total} residues; the limit is {s.max_residues} "
+                "(GET /info lists the limits): split the request",
                 param="input",
                 code="too_many_residues",
             )
+        self._check_output_size(q, seqs, handling, k)
         return seqs, handling, k
+
+    def _check_output_size(
+        self, q: EmbedQuery, seqs: list[str], handling: list[Handling], k: int
+    ) -> None:
+        """413 before any work when the answer would exceed max_output_bytes: the response in
+        its encoding, or the float32 blocks up to k's level a worker sends back for it."""
+        if q.pooling == Pooling.per_residue:
+            cap = self.family.max_residues
+            rows = sum(
+                cap if h == Handling.truncated and cap else len(seq)
+                for seq, h in zip(seqs, handling, strict=True)
+            )
+        else:
+            rows = len(seqs)
+        width = self.artifact.dims[self.artifact.level_for_dim(k)]
+        size = max(rows * k * q.value_bytes, rows * width * 4)
+        limit = self.settings.max_output_bytes
+        if size > limit:
+            raise APIError(
+                413,
+                f"the response would take about {size / 2**20:,.1f} MiB ({rows:,} vectors × "
+                f"{k} dims as {q.encoding}); the limit is {limit / 2**20:,.1f} MiB "
+                "(max_output_bytes). Ask for binary output (Accept: application/x-npy, "
+                "dtype float16), fewer dimensions or fewer sequences per request, or run a bulk "
+                "job with `rdserve embed`.",
+                param="input",
+                code="output_too_large",
+            )
 
     async def embed(self, q: EmbedQuery, request_id: str) -> Outcome:
         seqs, handling, k = self._validate(q)

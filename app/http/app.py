@@ -7,14 +7,18 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI
+from starlette.middleware.cors import CORSMiddleware
+from starlette.middleware.gzip import DEFAULT_EXCLUDED_CONTENT_TYPES, GZipMiddleware
 
 from app import metrics as m
 from app.core.heap import freeze_heap
 from app.core.service import EmbeddingService
+from app.http.encoding import NPY, NPZ
 from app.http.errors import install_handlers
 from app.http.middleware import Gate
 from app.http.openapi import document_gate
 from app.http.routes import embeddings, health, metrics, models
+from app.http.routing import route_table
 from models import __version__
 
 #: Every router of the API; routes of PUBLIC routers need no API key.
@@ -28,17 +32,8 @@ def create_app(service: EmbeddingService) -> FastAPI:
     settings = service.settings
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        m.ARTIFACT.info(
-            {
-                "name": art.name,
-                "family": art.family,
-                "sha256": art.sha256,
-                "levels": ",".join(lv.name for lv in art.levels),
-                "dims": ",".join(map(str, art.dims)),
-                "regressor": art.regressor,
-            }
-        )
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        m.export("api", art, sorted({r.path for r in route_table(app.router.routes)}))
         await service.dispatcher.start()
         freeze_heap()  # the API's own start-up objects; the worker freezes again after warm-up
         try:
@@ -67,6 +62,24 @@ def create_app(service: EmbeddingService) -> FastAPI:
         # Room for one value per sequence and per id (commas inside ids count too).
         max_json_values=max(2**16, 4 * settings.max_sequences),
     )
+    # Outside the gate, so it compresses what the gate sends. Float arrays gain little from
+    # gzip: binary bodies go as they are; level 5 keeps JSON compression cheap on small CPUs.
+    app.add_middleware(
+        GZipMiddleware,
+        minimum_size=1024,
+        compresslevel=5,
+        exclude_content_types=(*DEFAULT_EXCLUDED_CONTENT_TYPES, NPY, NPZ),
+    )
+    if origins := settings.cors_origin_list:
+        # Outermost: a preflight (OPTIONS, no credentials) is answered before the key check.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "Accept", "X-Request-ID"],
+            expose_headers=["X-Request-ID", "Retry-After", "Content-Disposition"],
+            max_age=600,
+        )
     generate_openapi = app.openapi
 
     def openapi() -> dict:

@@ -17,9 +17,24 @@ from app.metrics import ERRORS
 log = logging.getLogger(__name__)
 
 
+def _text(s: str | None) -> str | None:
+    """A string JSON can carry: a lone surrogate from a client (valid JSON, not UTF-8) becomes
+    its escape, so an error about bad input never fails to be written itself."""
+    if s is None:
+        return None
+    return s.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_body(message: str, type_: str, param: str | None, code: str | None) -> bytes:
     return orjson.dumps(
-        {"error": {"message": message, "type": type_, "param": param, "code": code}}
+        {
+            "error": {
+                "message": _text(message),
+                "type": type_,
+                "param": _text(param),
+                "code": _text(code),
+            }
+        }
     )
 
 
@@ -82,15 +97,16 @@ def install_handlers(app: FastAPI) -> None:
             msg = f"request body is not valid JSON{at}: {first.get('ctx', {}).get('error', msg)}"
         else:
             msg = f"{param}: {msg}"
-        return error_response(APIError(422, msg, param=param, code=first.get("type")))
+        # 400, not FastAPI's 422: OpenAI's clients raise BadRequestError only for a 400.
+        return error_response(APIError(400, msg, param=param, code=first.get("type")))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> Response:
         if exc.status_code == 400 and (why := _unparsable_body(exc.__cause__)):
             # FastAPI turns every body-parsing failure other than a JSONDecodeError into a bare
-            # 400; they are invalid JSON all the same, answered like the rest (422 json_invalid).
+            # 400; they are invalid JSON all the same, answered like the rest (json_invalid).
             msg = f"request body is not valid JSON: {why}"
-            return error_response(APIError(422, msg, param="body", code="json_invalid"))
+            return error_response(APIError(400, msg, param="body", code="json_invalid"))
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return error_response(
             APIError(exc.status_code, str(exc.detail), code=code, headers=dict(exc.headers or {}))

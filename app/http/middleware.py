@@ -63,14 +63,13 @@ class Gate:
             ok |= hmac.compare_digest(token, key)
         return ok
 
-    def route_of(self, scope: Scope) -> str:
-        """The path template of the route that serves this request ("other" for none): a
-        bounded metric label, e.g. "/v1/embeddings"."""
+    def route_of(self, scope: Scope) -> RouteInfo | None:
+        """The route that serves this request's path, for any method (None: no route)."""
         if self._table is None:
             self._table = route_table(self._routes)
         path = scope["path"]
         # Any method: a path served for another method is labelled too (answered 405).
-        return next((r.path for r in self._table if r.matches(path)), "other")
+        return next((r for r in self._table if r.matches(path)), None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -82,7 +81,9 @@ class Gate:
         rid = rid_in if _SAFE_ID.match(rid_in) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
         path = scope["path"]
-        route = self.route_of(scope)
+        info = self.route_of(scope)
+        # The path template ("other" for none): a bounded metric label, e.g. "/v1/embeddings".
+        route = info.path if info is not None else "other"
         status = {"code": 500, "started": False}
 
         async def send_with_id(message: Message) -> None:
@@ -107,11 +108,9 @@ class Gate:
             )
 
         try:
-            if (
-                self.key_digests
-                and route not in self.public
-                and not self._authorised(headers.get(b"authorization"))
-            ):
+            authorised = not self.key_digests or self._authorised(headers.get(b"authorization"))
+            scope["state"]["authenticated"] = authorised  # public routes show less without
+            if not authorised and route not in self.public:
                 await reject(
                     401,
                     "missing or invalid API key (use 'Authorization: Bearer KEY')",
@@ -120,7 +119,24 @@ class Gate:
                     [(b"www-authenticate", b'Bearer realm="rdserve"')],
                 )
                 return
-            if scope["method"] in ("POST", "PUT", "PATCH"):
+            method = scope["method"]
+            takes_body = info is not None and method in info.methods and method in BODY_METHODS
+            if not takes_body and _has_body(headers):
+                # Only a route that takes a body gets one read: health probes, unknown paths and
+                # wrong methods are refused before a byte of it (and the connection closed).
+                code, msg, err = (
+                    (404, "Not Found", "not_found")
+                    if info is None
+                    else (405, "Method Not Allowed", "method_not_allowed")
+                    if method not in info.methods
+                    else (400, f"{method} {route} takes no request body", "unexpected_body")
+                )
+                extra = [(b"connection", b"close")]
+                if code == 405 and info is not None:
+                    extra.append((b"allow", ", ".join(sorted(info.methods)).encode()))
+                await reject(code, msg, "invalid_request_error", err, extra)
+                return
+            if takes_body:
                 # A declared length over the limit is refused before a byte of the body is read.
                 too_long = _declared_length(headers) > self.max_body
                 body = None if too_long else await self._read_body(receive)
@@ -144,7 +160,7 @@ class Gate:
                         "body_too_complex",
                     )
                     return
-                receive = _replay(body)
+                receive = _replay(body, receive)
             try:
                 await self.app(scope, receive, send_with_id)
             except Exception:
@@ -187,6 +203,14 @@ class Gate:
         return b"".join(chunks)
 
 
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+def _has_body(headers: dict[bytes, bytes]) -> bool:
+    """Whether the request declares a body (a non-zero Content-Length, or chunked)."""
+    return _declared_length(headers) > 0 or b"transfer-encoding" in headers
+
+
 def _declared_length(headers: dict[bytes, bytes]) -> int:
     """The Content-Length header's value; -1 when absent or malformed (the body is then read)."""
     try:
@@ -204,7 +228,9 @@ def _json_values_bound(body: bytes) -> int:
     return body.count(b",") + 2 * (body.count(b"[") + body.count(b"{")) + 1
 
 
-def _replay(body: bytes) -> Receive:
+def _replay(body: bytes, upstream: Receive) -> Receive:
+    """The body read once, then the connection's own messages: a streamed response listens
+    for http.disconnect and must only see a real one."""
     sent = False
 
     async def receive() -> Message:
@@ -212,6 +238,6 @@ def _replay(body: bytes) -> Receive:
         if not sent:
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
-        return {"type": "http.disconnect"}
+        return await upstream()
 
     return receive

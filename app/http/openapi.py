@@ -8,19 +8,54 @@ from typing import Any
 
 from app.http.schemas import ErrorResponse
 
-ERROR_EXAMPLE = {
-    "error": {
-        "message": "input[2]: invalid residue 'J' at position 5; allowed: …",
-        "type": "invalid_request_error",
-        "param": "input[2]",
-        "code": "invalid_sequence",
-    }
+
+def _error(message: str, type_: str, param: str | None, code: str) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+#: One example per status, as that status is really answered.
+ERROR_EXAMPLES = {
+    400: _error(
+        "input[2]: invalid residue 'J' at position 5; allowed: ACDEFGHIKLMNPQRSTVWYXBZUO",
+        "invalid_request_error",
+        "input[2]",
+        "invalid_sequence",
+    ),
+    401: _error(
+        "missing or invalid API key (use 'Authorization: Bearer KEY')",
+        "authentication_error",
+        None,
+        "invalid_api_key",
+    ),
+    404: _error(
+        "model 'esm1b' is not served here; this server serves 'esm2-8M-35M-150M' (family 'esm2')",
+        "invalid_request_error",
+        "model",
+        "model_not_found",
+    ),
+    413: _error(
+        "input has 250000 residues; the limit is 200000 (GET /info lists the limits): split "
+        "the request",
+        "invalid_request_error",
+        "input",
+        "too_many_residues",
+    ),
+    429: _error("the request queue is full; retry later", "rate_limit_error", None, "queue_full"),
+    500: _error("internal error", "server_error", None, "internal"),
+    503: _error(
+        "no worker available: no live worker serves this artifact",
+        "server_error",
+        None,
+        "no_worker",
+    ),
+    504: _error("the request did not finish within 120 s", "server_error", None, "timeout"),
 }
 ERROR_CASES = {
+    400: "Invalid request: the field and item are named in `param`.",
     401: "Missing or invalid API key (only when keys are configured).",
     404: "The requested model is not served here.",
-    413: "Body over max_body_bytes, or with too many JSON values.",
-    422: "Invalid request: the field and item are named in `param`.",
+    413: "Too many sequences or residues, a response over max_output_bytes, or a body over "
+    "max_body_bytes or with too many JSON values.",
     429: "The request queue is full; retry after `Retry-After` seconds.",
     500: "Internal error, or a sequence the worker could not embed.",
     503: "No worker or no task queue; retry after `Retry-After` seconds.",
@@ -63,7 +98,7 @@ def error_doc(code: int) -> dict[str, Any]:
         "content": {
             "application/json": {
                 "schema": {"$ref": "#/components/schemas/ErrorResponse"},
-                "example": ERROR_EXAMPLE,
+                "example": ERROR_EXAMPLES[code],
             }
         },
         **({"headers": ERROR_HEADERS[code]} if code in ERROR_HEADERS else {}),
@@ -91,8 +126,13 @@ def document_gate(schema: dict, keyed: bool, public: Container[str]) -> dict:
                 "description": "One of the configured API keys: `Authorization: Bearer KEY`.",
             }
         }
+    # Invalid requests are answered 400 (what OpenAI clients map to BadRequestError), never
+    # FastAPI's 422: its generated validation schemas describe nothing this API sends.
+    for name in ("HTTPValidationError", "ValidationError"):
+        schema.get("components", {}).get("schemas", {}).pop(name, None)
     for path, ops in schema["paths"].items():
         for method, op in ops.items():
+            op["responses"].pop("422", None)
             gate_codes = [500]
             if keyed and path not in public:
                 op["security"] = [{SECURITY_SCHEME: []}]

