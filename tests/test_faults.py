@@ -654,11 +654,17 @@ def test_requests_past_the_shutdown_window_get_503_and_their_tasks_are_dropped(
     c = cluster(RDSERVE_SHUTDOWN_TIMEOUT_S="4", RDSERVE_TOKEN_BUDGET="4096")
     c.worker("w1", metrics=True)
     c.wait_workers(1)
-    bodies = [{"input": proteins(200 + i, 16, 300, 400), "dimensions": 64} for i in range(40)]
-    reqs = [Request(c.base, b, timeout=60) for b in bodies]
-    for q in reqs:
-        q.start()
     r = redis_server.client()
+    # First a task far longer than the window (~150k residues: a turn of its own, since it
+    # exceeds the drain budget), so that the worker is sure to hold it at the cut whatever the
+    # machine's speed; then small ones queued behind it.
+    big = Request(c.base, {"input": proteins(199, 150, 950, 1000), "dimensions": 64}, timeout=60)
+    big.start()
+    holder(r, PREFIX, sha)
+    bodies = [{"input": proteins(200 + i, 16, 300, 400), "dimensions": 64} for i in range(39)]
+    reqs = [big] + [Request(c.base, b, timeout=60) for b in bodies]
+    for q in reqs[1:]:
+        q.start()
     deadline = time.monotonic() + 60
     while r.xlen(tasks_key(PREFIX, sha)) + sum(q.response is not None for q in reqs) < len(reqs):
         assert time.monotonic() < deadline, c.output()  # every request accepted before SIGTERM
