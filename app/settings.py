@@ -82,7 +82,11 @@ class Settings(BaseSettings):
         "LangChain's batch of 1,000): max_residues is what bounds the work.",
     )
     max_residues: int = Field(
-        200_000, ge=1, description="Most residues in one request (413 above)."
+        2**20,
+        ge=1,
+        description="Most residues in one request (413 above): a LangChain batch of 1,000 "
+        "typical proteins (~300k residues) fits; lower it where a request this large would not "
+        "finish within request_timeout_s (CPU-only servers).",
     )
     max_output_bytes: int = Field(
         64 * 2**20,

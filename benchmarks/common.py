@@ -147,7 +147,7 @@ def machine() -> dict[str, Any]:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {
         "cpu": cpu,
-        "cores": torch.get_num_threads(),
+        "cores": len(os.sched_getaffinity(0)),  # the machine's usable cores, not torch's threads
         "gpu": gpu,
         "torch": torch.__version__,
         "python": platform.python_version(),

@@ -9,7 +9,7 @@ distributed mode, docs/performance.md); the tiny chain extracts the same 192 Uni
 sequences with and without it, interleaved, with torch running 2 threads and 1 thread
 (RDSERVE_THREADS / --threads): what the threads setting trades.
 
-    python benchmarks/contention.py [--reps 3] [--quick]   # → benchmarks/results/contention.json
+    python -m benchmarks.contention [--reps 3] [--quick]   # → benchmarks/results/contention.json
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a plain script
 
 import torch
 
@@ -137,7 +135,7 @@ def main() -> None:
     args = ap.parse_args()
     res = run(1, 16) if args.quick else run(args.reps)
     name = "contention-quick" if args.quick else "contention"
-    command = "python benchmarks/contention.py " + (
+    command = "python -m benchmarks.contention " + (
         "--quick" if args.quick else f"--reps {args.reps}"
     )
     path = save(name, res, command, args.results_dir)

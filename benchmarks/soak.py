@@ -39,8 +39,6 @@ import numpy as np
 import orjson
 import redis
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a plain script
-
 from app.http.encoding import NPY
 from app.transport.keys import GROUP, text
 from benchmarks import loadgen

@@ -97,6 +97,7 @@ def test_binary_and_base64_equal_the_json_numbers(client):
     )
     assert r.headers["content-type"] == "application/x-npy"
     assert r.headers["x-rdserve-levels"] == "tiny32,tiny48,tiny64"
+    assert r.headers["x-rdserve-family"] == "esm2"  # every response says the family served
     arr = np.load(io.BytesIO(r.content))
     assert arr.shape == (3, 50) and arr.dtype == np.float32
     np.testing.assert_array_equal(arr, js)

@@ -44,11 +44,23 @@ def test_info_names_the_chain_and_the_limits_clients_size_batches_by(client):
     assert info["levels"][0]["max_residues"] == 1022 and info["mode"] == "embedded"
     assert len(info["artifact_sha256"]) == 64 and info["version"]
     limits = info["limits"]
-    # The sequence limit no longer bites before LangChain's batch (1,000) or OpenAI's (2,048).
-    assert limits["max_sequences"] == 2048 and limits["max_residues"] == 200_000
+    # Neither limit bites before LangChain's batch (1,000 typical proteins) or OpenAI's (2,048).
+    assert limits["max_sequences"] == 2048 and limits["max_residues"] == 2**20
     assert limits["token_budget"] == 1536 and limits["max_output_bytes"] > 0
     assert info["poolings"] == ["mean", "per_residue", "bos"]
     assert client.get("/v1/info").json() == info
+
+
+def test_a_langchain_batch_of_1000_typical_proteins_is_one_request(client):
+    """LangChain sends 1,000 inputs per request by default: the 1,000 UniRef90 sequences shipped
+    in the package (302,952 residues) must be served, not refused with 413."""
+    from models.sequences import packaged_sample, read_fasta
+
+    seqs = [s for _, s in read_fasta(packaged_sample())]
+    assert len(seqs) == 1000 and sum(map(len, seqs)) > 300_000
+    r = post(client, input=seqs, dimensions=32, encoding_format="base64")
+    assert r.status_code == 200, r.text[:300]
+    assert len(r.json()["data"]) == 1000
 
 
 def test_versioned_health_aliases(client):

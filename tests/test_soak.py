@@ -6,11 +6,6 @@ a change of artifact mid-run; every response checked against its request and its
 
 from __future__ import annotations
 
-import sys
-
-from tests.procs import REPO
-
-sys.path.insert(0, str(REPO))  # benchmarks/ is not an installed package
 from benchmarks.soak import KINDS, soak
 
 

@@ -120,6 +120,7 @@ def binary_body(req: EmbeddingRequest, out: Outcome, art: Artifact) -> Response:
     ext = "npz" if per_residue else "npy"
     headers = {
         "X-Rdserve-Model": art.name,
+        "X-Rdserve-Family": art.family,
         "X-Rdserve-Dimensions": str(out.k),
         "X-Rdserve-Levels": ",".join(lv.name for lv in art.levels[: out.stop + 1]),
         "X-Rdserve-Artifact-Sha256": art.sha256,
