@@ -162,6 +162,47 @@ REPLIES_LOST = Counter(
     "Requests failed with 503 because their task was gone from the queue and no reply came.",
     registry=None,
 )
+BULK_QUEUE_DEPTH = Gauge(
+    "rdserve_bulk_queue_depth",
+    "Bulk-job chunks queued or in progress for workers (apart from interactive requests).",
+    registry=None,
+)
+QUEUE_LAG = Gauge(
+    "rdserve_queue_lag",
+    "Tasks queued that no worker has taken yet, by queue (tasks: requests; bulk: job chunks) — "
+    "Redis Streams consumer-group lag, for autoscalers that cannot read Redis.",
+    ["queue"],
+    registry=None,
+)
+QUEUE_PENDING = Gauge(
+    "rdserve_queue_pending",
+    "Tasks taken by a worker and not yet answered, by queue (tasks, bulk).",
+    ["queue"],
+    registry=None,
+)
+BULK_YIELDS = Counter(
+    "rdserve_bulk_yields",
+    "Times a worker paused a turn of bulk-job chunks to serve interactive tasks first.",
+    registry=None,
+)
+JOBS = Counter(
+    "rdserve_jobs",
+    "Bulk jobs by how they ended (succeeded, failed, cancelled), counted where they ended.",
+    ["status"],
+    registry=None,
+)
+JOBS_RUNNING = Gauge(
+    "rdserve_jobs_running", "Bulk jobs this API process is driving now.", registry=None
+)
+JOB_RECORDS = Counter(
+    "rdserve_job_records",
+    "Bulk-job records done by this API process, by cache tier (full_hit, partial, miss) or failed.",
+    ["outcome"],
+    registry=None,
+)
+JOB_RESIDUES = Counter(
+    "rdserve_job_residues", "Bulk-job residues done by this API process.", registry=None
+)
 ARTIFACT = Info("rdserve_artifact", "The projection artifact being served.", registry=None)
 
 #: Error codes the API answers with (pydantic's own validation types come on top): counted
@@ -200,6 +241,12 @@ ERROR_CODES = (
     "result_undeliverable",
     "request_timeout",
     "too_many_connections",
+    "job_not_found",
+    "job_not_finished",
+    "too_many_records",
+    "upload_too_large",
+    "invalid_fasta",
+    "unsupported_format",
 )
 
 API_METRICS: tuple[MetricWrapperBase, ...] = (
@@ -214,6 +261,13 @@ API_METRICS: tuple[MetricWrapperBase, ...] = (
     TASKS_RESUBMITTED,
     REPLIES_DISCARDED,
     REPLIES_LOST,
+    BULK_QUEUE_DEPTH,
+    QUEUE_LAG,
+    QUEUE_PENDING,
+    JOBS,
+    JOBS_RUNNING,
+    JOB_RECORDS,
+    JOB_RESIDUES,
 )
 WORKER_METRICS: tuple[MetricWrapperBase, ...] = (
     BATCH_SEQUENCES,
@@ -229,6 +283,7 @@ WORKER_METRICS: tuple[MetricWrapperBase, ...] = (
     TASKS_RECLAIMED,
     TASKS_SKIPPED,
     REPLIES_FAILED,
+    BULK_YIELDS,
 )
 _registered: set[int] = set()
 _lock = threading.Lock()
@@ -272,6 +327,13 @@ def export(role: Literal["api", "worker"], artifact: Artifact, routes: Iterable[
         for dim in artifact.dims:
             for pooling in ("mean", "per_residue", "bos"):
                 ITEMS.labels(f"le_{dim}", pooling)
+        for queue in ("tasks", "bulk"):
+            QUEUE_LAG.labels(queue)
+            QUEUE_PENDING.labels(queue)
+        for status in ("succeeded", "failed", "cancelled"):
+            JOBS.labels(status)
+        for outcome in ("full_hit", "partial", "miss", "failed"):
+            JOB_RECORDS.labels(outcome)
     else:
         _register(WORKER_METRICS)
         for lv in artifact.levels:
@@ -284,6 +346,13 @@ def export(role: Literal["api", "worker"], artifact: Artifact, routes: Iterable[
             TASKS_RECLAIMED.labels(reason)
         for reason in ("withdrawn", "deadline"):
             TASKS_SKIPPED.labels(reason)
+
+
+def set_queue(queue: Literal["tasks", "bulk"], depth: int, lag: int) -> None:
+    """The gauges of one queue: ``depth`` tasks in it, ``lag`` of them not yet taken."""
+    (QUEUE_DEPTH if queue == "tasks" else BULK_QUEUE_DEPTH).set(depth)
+    QUEUE_LAG.labels(queue).set(lag)
+    QUEUE_PENDING.labels(queue).set(max(0, depth - lag))
 
 
 def k_bucket(k: int, dims: list[int]) -> str:

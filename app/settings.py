@@ -106,6 +106,44 @@ class Settings(BaseSettings):
         "requests (keep it below the orchestrator's stop grace period).",
     )
 
+    # Bulk jobs
+    job_store: str | None = Field(
+        None,
+        description="Where bulk jobs' inputs and results live: a directory or an fsspec URL "
+        "(s3://bucket/prefix, gs://…; its package installed); default <data_dir>/jobs. API "
+        "replicas must share it.",
+    )
+    job_retention_s: float = Field(
+        7 * 24 * 3600, gt=0, description="Ended jobs (and their results) are deleted after this."
+    )
+    job_max_records: int = Field(10_000_000, ge=1, description="Most records in one job (413).")
+    job_max_residues: int = Field(
+        4_000_000_000, ge=1, description="Most residues in one job (413)."
+    )
+    job_max_bytes: int = Field(
+        16 * 2**30, ge=1024, description="Largest job upload as sent (gzip: compressed; 413)."
+    )
+    job_chunk_residues: int = Field(
+        32_768,
+        ge=64,
+        description="Residues per job chunk: what one worker takes at a time (a chunk is also at "
+        "most 1,024 records, and max_residues).",
+    )
+    job_max_inflight: int = Field(
+        0,
+        ge=0,
+        description="Chunks of one job queued or computing at once (0: two per live worker).",
+    )
+    job_lease_s: float = Field(
+        15.0,
+        gt=0,
+        description="A job's driver holds a lease this long, renewed every third of it: when an "
+        "API process dies, another takes its jobs over after about this long.",
+    )
+    job_poll_s: float = Field(
+        2.0, gt=0, description="How often each API process looks for jobs nobody drives."
+    )
+
     # Cache
     cache_max_bytes: int = Field(
         512 * 2**20, ge=0, description="Embedded-mode in-memory LRU capacity (0 disables)."

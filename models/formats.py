@@ -64,7 +64,15 @@ def write_npz(
     (an error, or an archive silently missing that array). No pickle: object arrays are refused.
     ``dtype`` (e.g. "float16") converts every array, little-endian.
     """
-    for _ in _write_members(target, arrays.items(), dtype):
+    write_npz_items(target, arrays.items(), dtype)
+
+
+def write_npz_items(
+    target: Path | BinaryIO, items: Iterable[tuple[str, np.ndarray]], dtype: str | None = None
+) -> None:
+    """write_npz from (key, array) pairs produced one at a time (a bulk job's result: the
+    arrays are never all in memory)."""
+    for _ in _write_members(target, items, dtype):
         pass
 
 

@@ -121,26 +121,48 @@ def open_text(path: str | Path) -> Iterator[TextIO]:
         yield fh
 
 
+class FastaParser:
+    """FASTA records from text fed a line at a time (a file, or an upload as it streams in):
+    ``line`` returns the record a header line ends, ``end`` the last one. A record is (id,
+    sequence); the id is the header up to the first whitespace."""
+
+    def __init__(self, source: str | Path = "FASTA") -> None:
+        self.source = source  # named in errors
+        self._name: str | None = None
+        self._parts: list[str] = []
+
+    def line(self, line: str) -> tuple[str, str] | None:
+        line = line.strip()
+        if line.startswith(">"):
+            done = self.end()
+            self._name, self._parts = (line[1:].split() or [""])[0], []
+            return done
+        if line:
+            if self._name is None:
+                raise ValueError(f"{self.source}: sequence data before the first '>' header")
+            self._parts.append(line)
+        return None
+
+    def end(self) -> tuple[str, str] | None:
+        """The record in progress (None before the first header)."""
+        if self._name is None:
+            return None
+        rec, self._name, self._parts = (self._name, "".join(self._parts)), None, []
+        return rec
+
+
 def iter_fasta(path: str | Path) -> Iterator[tuple[str, str]]:
     """Yield (id, sequence) records; the id is the header up to the first whitespace.
 
     ``path`` may be gzip-compressed, or "-" for standard input.
     """
-    name: str | None = None
-    parts: list[str] = []
+    parser = FastaParser(path)
     with open_text(path) as fh:
         for line in fh:
-            line = line.strip()
-            if line.startswith(">"):
-                if name is not None:
-                    yield name, "".join(parts)
-                name, parts = (line[1:].split() or [""])[0], []
-            elif line:
-                if name is None:
-                    raise ValueError(f"{path}: sequence data before the first '>' header")
-                parts.append(line)
-    if name is not None:
-        yield name, "".join(parts)
+            if (rec := parser.line(line)) is not None:
+                yield rec
+    if (rec := parser.end()) is not None:
+        yield rec
 
 
 def packaged_sample() -> Path:

@@ -60,8 +60,9 @@ def tiny_artifact_b(tmp_path_factory: pytest.TempPathFactory, tiny_esm_dirs, fit
 
 
 @pytest.fixture
-def make_app(tiny_artifact):
-    """Factory: (TestClient context, service) for an embedded app with settings overrides."""
+def make_app(tiny_artifact, tmp_path):
+    """Factory: (TestClient context, service) for an embedded app with settings overrides (bulk
+    jobs in the test's own folder)."""
     from fastapi.testclient import TestClient
 
     from app.bootstrap import embedded_service
@@ -70,7 +71,8 @@ def make_app(tiny_artifact):
     from models.artifact import load_artifact
 
     def make(**overrides):
-        settings = Settings(**{"artifact": tiny_artifact, "device": "cpu", **overrides})
+        defaults = {"artifact": tiny_artifact, "device": "cpu", "job_store": str(tmp_path / "jobs")}
+        settings = Settings(**{**defaults, **overrides})
         service = embedded_service(settings, load_artifact(tiny_artifact))
         return TestClient(create_app(service)), service
 

@@ -101,7 +101,8 @@ class Cluster:
         logs: Path,
         roles: Callable[[str], dict[str, str]] | None = None,
     ) -> None:
-        self.env, self.logs = env, logs
+        # Bulk jobs in the test's own folder, shared by the cluster's API processes.
+        self.env, self.logs = {"RDSERVE_JOB_STORE": str(logs / "jobs"), **env}, logs
         self.roles = roles or (lambda role: {})
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"

@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import random
 import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -50,21 +51,46 @@ def assert_401(r: httpx.Response, what: str) -> None:
 # ---- every route but /health/* needs a key ----------------------------------------------------
 
 
+def submit_job(c, key: str) -> str:
+    r = c.post("/v1/jobs", json={"input": ["MKV"]}, headers={"authorization": f"Bearer {key}"})
+    assert r.status_code == 202, r.text
+    return r.json()["id"]
+
+
+def wait_job(c, job_id: str, key: str) -> str:
+    """The job's id once it has ended (its result route then answers 200)."""
+    for _ in range(300):
+        r = c.get(f"/v1/jobs/{job_id}", headers={"authorization": f"Bearer {key}"})
+        if r.json()["status"] == "succeeded":
+            return job_id
+        time.sleep(0.05)
+    raise AssertionError(r.text)
+
+
 def test_every_route_but_health_requires_a_key(make_app):
     """Enumerates the real app's routes (docs and schema included), each with every method."""
     c, _ = make_app(api_keys=SecretStr(",".join(KEYS)))
-    bodies = {("POST", "/v1/embeddings"): {"input": "MKV"}}
+    bodies = {
+        ("POST", "/v1/embeddings"): {"input": "MKV"},
+        ("POST", "/v1/jobs"): {"input": ["MKV"]},
+    }
     with c:
         wait_ready(c, 60)
+        # Path parameters name a job of the key that calls (another key's job is a 404).
+        job_of = {key: wait_job(c, submit_job(c, key), key) for key in KEYS}
         seen: set[tuple[str, str]] = set()
         for route in route_table(c.app.router.routes):
             for method in sorted(route.methods):
-                path = route.path  # no route takes path parameters
+                path = route.path
                 seen.add((method, path))
                 body = bodies.get((method, path))
 
                 def call(headers: dict, m: str = method, p: str = path, b: object = body):
-                    return c.request(m, p, json=b, headers=headers)
+                    key = headers.get("authorization", "").removeprefix("Bearer ")
+                    job = job_of.get(key, "job-20260101T000000000-0000000000")
+                    if m == "DELETE" and key in job_of:  # deletes the (ended) job: a new one
+                        job = wait_job(c, submit_job(c, key), key)
+                    return c.request(m, p.replace("{job_id}", job), json=b, headers=headers)
 
                 if path.startswith(("/health/", "/v1/health/")) or path in ("/info", "/v1/info"):
                     r = call({})
@@ -86,6 +112,9 @@ def test_every_route_but_health_requires_a_key(make_app):
         ("GET", "/health/ready"),
         ("GET", "/openapi.json"),
         ("GET", "/docs"),
+        ("POST", "/v1/jobs"),
+        ("GET", "/v1/jobs/{job_id}/result"),
+        ("DELETE", "/v1/jobs/{job_id}"),
     }, seen
 
 

@@ -134,7 +134,8 @@ def worker(
 
     from app.bootstrap import load_served_artifact, make_embedder, make_worker, resolve_family
     from app.http.worker_endpoint import WorkerEndpoint
-    from app.transport.consumer import Heartbeat, RedisTaskSource
+    from app.transport.consumer import RedisTaskSource
+    from app.transport.heartbeat import Heartbeat
     from app.transport.keys import default_worker_id, new_consumer
 
     s = _settings(

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -99,7 +99,10 @@ class Dispatcher(Protocol):
 
     async def status(self) -> FleetStatus: ...
 
-    async def queue_depth(self) -> int: ...
+    async def queue_depth(self) -> int:
+        """Interactive tasks queued or in progress now; also refreshes the queue gauges (depth,
+        lag and pending of the interactive and bulk queues)."""
+        ...
 
     def drain(self, cut_at: float, window_s: float) -> None:
         """The server is shutting down: requests still waiting at ``cut_at`` (monotonic time)
@@ -130,48 +133,62 @@ class Drain:
 
 
 class LocalQueue:
-    """Thread-safe task queue between the event loop and the worker thread (a TaskSource)."""
+    """Thread-safe task queue between the event loop and the worker thread (a TaskSource):
+    interactive tasks first, bulk-job chunks only when none is queued."""
 
     def __init__(self) -> None:
-        self._q: queue.Queue[Task] = queue.Queue()
-        self._waiting: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
-        self._lock = threading.Lock()
+        self._cv = threading.Condition()
+        self._tasks: deque[Task] = deque()  # interactive
+        self._bulk: deque[Task] = deque()  # bulk-job chunks
+        # task id → (loop, future, bulk) of every request still waiting
+        self._waiting: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future, bool]] = {}
 
     def put(self, task: Task, loop: asyncio.AbstractEventLoop, fut: asyncio.Future) -> None:
-        with self._lock:
-            self._waiting[task.id] = (loop, fut)
-        self._q.put(task)
+        with self._cv:
+            self._waiting[task.id] = (loop, fut, task.bulk)
+            (self._bulk if task.bulk else self._tasks).append(task)
+            self._cv.notify()
 
     def forget(self, task_id: str) -> None:
-        with self._lock:
+        with self._cv:
             self._waiting.pop(task_id, None)
 
-    def outstanding(self) -> int:
-        with self._lock:
-            return len(self._waiting)
+    def outstanding(self, bulk: bool = False) -> int:
+        """Interactive (or, with ``bulk``, bulk) tasks queued or in progress."""
+        with self._cv:
+            return sum(1 for *_, b in self._waiting.values() if b == bulk)
 
-    def _get(self, timeout_s: float) -> list[Task]:
-        try:
-            return [self._q.get(timeout=timeout_s) if timeout_s > 0 else self._q.get_nowait()]
-        except queue.Empty:
-            return []
+    def queued(self) -> tuple[int, int]:
+        """Interactive and bulk tasks not yet taken by the worker."""
+        with self._cv:
+            return len(self._tasks), len(self._bulk)
+
+    def _pop(self, timeout_s: float, bulk: bool = True) -> list[Task]:
+        """The next task within timeout_s (0: only one queued now): interactive first."""
+        with self._cv:
+            if not self._cv.wait_for(lambda: self._tasks or (bulk and self._bulk), timeout_s):
+                return []
+            return [self._tasks.popleft() if self._tasks else self._bulk.popleft()]
 
     def take(self, budget: int, wait_s: float) -> list[Task]:
-        return gather(self._get(0.2), self._get, budget, wait_s)
+        return gather(self._pop(0.2), self._pop, budget, wait_s)
+
+    def urgent(self, budget: int) -> list[Task]:
+        return gather(self._pop(0, bulk=False), lambda t: self._pop(0, bulk=False), budget, 0)
 
     def withdrawn(self, tasks: list[Task]) -> set[str]:
-        with self._lock:
+        with self._cv:
             return {t.id for t in tasks if t.id not in self._waiting}
 
     def skip(self, task: Task) -> None:
         return  # nothing to acknowledge in-process
 
     def reply(self, task: Task, result: TaskResult) -> None:
-        with self._lock:
+        with self._cv:
             waiter = self._waiting.pop(task.id, None)
         if waiter is None:
             return  # the request gave up (timeout); drop the result
-        loop, fut = waiter
+        loop, fut, _ = waiter
 
         def _set() -> None:
             if not fut.done():
@@ -224,7 +241,11 @@ class EmbeddedDispatcher:
             await asyncio.to_thread(self._thread.join, 10)
 
     async def queue_depth(self) -> int:
-        return self.source.outstanding()
+        depth, bulk = self.source.outstanding(), self.source.outstanding(bulk=True)
+        lag, bulk_lag = self.source.queued()
+        m.set_queue("tasks", depth, lag)
+        m.set_queue("bulk", bulk, bulk_lag)
+        return depth
 
     async def status(self) -> FleetStatus:
         st = self.worker.state
@@ -234,14 +255,15 @@ class EmbeddedDispatcher:
     async def submit(self, task: Task, timeout_s: float) -> TaskResult:
         if self._thread is None or not self._thread.is_alive():
             raise NoWorkerError(self.worker.state.error or "the worker is not running")
-        if self.source.outstanding() >= self.max_queue:
+        # Bulk chunks are bounded by their jobs' windows; only interactive requests meet 429.
+        if not task.bulk and self.source.outstanding() >= self.max_queue:
             raise QueueFullError()
         deadline = time.monotonic() + timeout_s
         self._drain.next_wait(deadline)  # past the shutdown cut: refused
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[TaskResult] = loop.create_future()
         self.source.put(task, loop, fut)
-        m.QUEUE_DEPTH.set(self.source.outstanding())
+        self._gauge()
         try:
             while True:
                 done, _ = await asyncio.wait({fut}, timeout=self._drain.next_wait(deadline))
@@ -249,4 +271,8 @@ class EmbeddedDispatcher:
                     return fut.result()
         finally:
             self.source.forget(task.id)
-            m.QUEUE_DEPTH.set(self.source.outstanding())
+            self._gauge()
+
+    def _gauge(self) -> None:
+        m.QUEUE_DEPTH.set(self.source.outstanding())
+        m.BULK_QUEUE_DEPTH.set(self.source.outstanding(bulk=True))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,38 +17,18 @@ from app import metrics as m
 from app.core.cache import Cache, CacheEntry, cache_key, cache_namespace
 from app.core.dispatch import Dispatcher, DispatchError
 from app.core.errors import APIError
+from app.core.query import EmbedQuery, check_query
 from app.core.tasks import ItemResult, Task, WorkItem
 from app.settings import Settings
 from models.artifact import Artifact
 from models.blocks import assemble
-from models.formats import member_name_problem
 from models.sequences import (
     Handling,
-    LongSequencePolicy,
     Pooling,
-    SequenceError,
-    clean_sequence,
-    first_duplicate,
-    handling_for,
 )
 from models.specs import family_spec
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class EmbedQuery:
-    """What a client asks for (already type-checked at the boundary)."""
-
-    inputs: Sequence[str]  # sequences as sent (cleaned and checked here)
-    ids: Sequence[str] | None = None  # one per input, unique, when given
-    model: str | None = None  # the served family or artifact name, if named
-    dimensions: int | None = None  # k (default: the artifact's full dim)
-    pooling: Pooling = Pooling.mean  # mean | per_residue | bos
-    policy: LongSequencePolicy = LongSequencePolicy.truncate  # for sequences over the context
-    normalize: bool = False  # L2-normalise after truncating to k
-    value_bytes: float = 4.0  # bytes per returned number in the response's encoding
-    encoding: str = "binary"  # what value_bytes describes, for the 413 message
 
 
 @dataclass(slots=True)
@@ -60,6 +39,16 @@ class ItemOutcome:
     residues: int  # residues embedded
     handling: Handling  # full | truncated | chunked
     tier: str  # full_hit | partial | miss
+
+
+@dataclass(slots=True)
+class Partial:
+    """A served request whose items may have failed one by one (bulk-job chunks)."""
+
+    items: list[ItemOutcome | None]  # in input order; None where the item failed
+    failures: dict[int, ItemResult]  # input index → why it failed (code, message)
+    k: int  # dims returned
+    stop: int  # last chain level used
 
 
 @dataclass(slots=True)
@@ -97,20 +86,6 @@ class EmbeddingService:
 
     def _validate(self, q: EmbedQuery) -> tuple[list[str], list[Handling], int]:
         """Cleaned sequences, how each is fed to the model, and k; APIError naming the fault."""
-        raw = q.inputs
-        if not raw:
-            raise APIError(
-                400, "input must contain at least one sequence", param="input", code="empty_input"
-            )
-        s = self.settings
-        if len(raw) > s.max_sequences:
-            raise APIError(
-                413,
-                f"input has {len(raw)} sequences; the limit is {s.max_sequences} "
-                "(GET /info lists the limits): split the request",
-                param="input",
-                code="too_many_sequences",
-            )
         if q.model and not self.accepts_model(q.model):
             raise APIError(
                 404,
@@ -119,94 +94,21 @@ class EmbeddingService:
                 param="model",
                 code="model_not_found",
             )
-        if q.ids is not None and len(q.ids) != len(raw):
-            raise APIError(
-                400,
-                f"ids has {len(q.ids)} entries but input has {len(raw)}",
-                param="ids",
-                code="ids_length_mismatch",
-            )
-        # ids key the .npz output and must identify one item each.
-        if q.ids is not None and (dup := first_duplicate(q.ids)) is not None:
-            i, j = dup
-            raise APIError(
-                400,
-                f"ids[{i}] repeats ids[{j}] ({q.ids[i]!r}); ids must be unique",
-                param=f"ids[{i}]",
-                code="duplicate_id",
-            )
-        for i, id_ in enumerate(q.ids or ()):
-            if (why := member_name_problem(id_)) is not None:
-                raise APIError(400, f"ids[{i}]: {why}", param=f"ids[{i}]", code="invalid_id")
-        k = q.dimensions if q.dimensions is not None else self.artifact.max_dim
-        if not 1 <= k <= self.artifact.max_dim:
-            raise APIError(
-                400,
-                f"dimensions must be between 1 and {self.artifact.max_dim}, got {k}",
-                param="dimensions",
-                code="invalid_dimensions",
-            )
-        try:
-            self.family.check_pooling(q.pooling)
-        except ValueError as e:
-            raise APIError(400, str(e), param="pooling", code="unsupported_pooling") from None
-        seqs, handling = [], []
-        total = 0
-        for i, r in enumerate(raw):
-            try:
-                seq = clean_sequence(r, i)
-            except SequenceError as e:
-                raise APIError(
-                    400, f"input[{i}]: {e.reason}", param=f"input[{i}]", code="invalid_sequence"
-                ) from None
-            try:
-                handling.append(handling_for(i, len(seq), self.family.max_residues, q.policy))
-            except SequenceError as e:
-                raise APIError(
-                    400, f"input[{i}]: {e.reason}", param=f"input[{i}]", code="sequence_too_long"
-                ) from None
-            total += len(seq)
-            seqs.append(seq)
-        if total > s.max_residues:
-            raise APIError(
-                413,
-                f"input has {total} residues; the limit is {s.max_residues} "
-                "(GET /info lists the limits): split the request",
-                param="input",
-                code="too_many_residues",
-            )
-        self._check_output_size(q, seqs, handling, k)
-        return seqs, handling, k
-
-    def _check_output_size(
-        self, q: EmbedQuery, seqs: list[str], handling: list[Handling], k: int
-    ) -> None:
-        """413 before any work when the answer would exceed max_output_bytes: the response in
-        its encoding, or the float32 blocks up to k's level a worker sends back for it."""
-        if q.pooling == Pooling.per_residue:
-            cap = self.family.max_residues
-            rows = sum(
-                cap if h == Handling.truncated and cap else len(seq)
-                for seq, h in zip(seqs, handling, strict=True)
-            )
-        else:
-            rows = len(seqs)
-        width = self.artifact.dims[self.artifact.level_for_dim(k)]
-        size = max(rows * k * q.value_bytes, rows * width * 4)
-        limit = self.settings.max_output_bytes
-        if size > limit:
-            raise APIError(
-                413,
-                f"the response would take about {size / 2**20:,.1f} MiB ({rows:,} vectors × "
-                f"{k} dims as {q.encoding}); the limit is {limit / 2**20:,.1f} MiB "
-                "(max_output_bytes). Ask for binary output (Accept: application/x-npy, "
-                "dtype float16), fewer dimensions or fewer sequences per request, or run a bulk "
-                "job with `rdserve embed`.",
-                param="input",
-                code="output_too_large",
-            )
+        return check_query(q, self.artifact, self.family, self.settings)
 
     async def embed(self, q: EmbedQuery, request_id: str) -> Outcome:
+        """The request's embeddings; an item that fails even alone fails the request (500
+        naming it; the others are cached)."""
+        part = await self.embed_items(q, request_id)
+        if part.failures:
+            i, r = next(iter(part.failures.items()))
+            raise _item_failed(i, r, len(part.failures))
+        return Outcome([it for it in part.items if it is not None], part.k, part.stop)
+
+    async def embed_items(self, q: EmbedQuery, request_id: str, bulk: bool = False) -> Partial:
+        """Like embed, but items that fail even alone are returned as failures by input index
+        (what a bulk job records per record). ``bulk``: queued as a bulk-job chunk, which
+        workers take only when no interactive request waits."""
         seqs, handling, k = self._validate(q)
         stop = self.artifact.level_for_dim(k)
         if self.settings.log_sequences:  # opt-in only: sequences can be confidential
@@ -236,15 +138,18 @@ class EmbeddingService:
         for key in keys:
             m.CACHE.labels(tiers[key]).inc()
 
+        failed: dict[str, ItemResult] = {}
         if work:
-            failed = await self._compute(work, entries, q)
-            if failed:
-                raise _item_failed(failed, keys)
+            failed = dict(await self._compute(work, entries, q, bulk))
 
-        items = []
-        for key in keys:
+        items: list[ItemOutcome | None] = []
+        failures: dict[int, ItemResult] = {}
+        for i, key in enumerate(keys):
             e = entries[key]
-            assert e is not None
+            if key in failed or e is None:
+                failures[i] = failed[key]
+                items.append(None)
+                continue
             items.append(
                 ItemOutcome(
                     assemble(e.blocks[: stop + 1], k, q.normalize),
@@ -253,13 +158,14 @@ class EmbeddingService:
                     tiers[key],
                 )
             )
-        return Outcome(items, k, stop)
+        return Partial(items, failures, k, stop)
 
     async def _compute(
         self,
         work: list[tuple[str, WorkItem]],
         entries: dict[str, CacheEntry | None],
         q: EmbedQuery,
+        bulk: bool = False,
     ) -> list[tuple[str, ItemResult]]:
         """Run the misses on a worker and store what came back; returns the items that failed
         (the others are cached either way, so a retry without the failed ones is served fast)."""
@@ -273,6 +179,7 @@ class EmbeddingService:
             policy=q.policy,
             items=[w for _, w in work],
             deadline=time.time() + timeout,
+            bulk=bulk,
         )
         try:
             result = await self.dispatcher.submit(task, timeout)
@@ -310,11 +217,9 @@ class EmbeddingService:
         return failed
 
 
-def _item_failed(failed: list[tuple[str, ItemResult]], keys: list[str]) -> APIError:
+def _item_failed(i: int, r: ItemResult, n_failed: int) -> APIError:
     """The error for sequences that failed even alone, naming the first by its input index."""
-    key, r = failed[0]
-    i = keys.index(key)
-    others = f" ({len(failed) - 1} more sequences failed too)" if len(failed) > 1 else ""
+    others = f" ({n_failed - 1} more sequences failed too)" if n_failed > 1 else ""
     hint = (
         "; it does not fit in the worker's device memory even alone: send it with "
         "long_sequence_policy 'chunk' or shorter"

@@ -1,4 +1,5 @@
-"""What the API hands to workers: a task is one request's cache misses, and its result.
+"""What the API hands to workers: a task is one request's cache misses (or one chunk of a bulk
+job's), and its result.
 
 Tasks travel in-process (embedded mode) or through Redis (``app.transport.wire`` encodes them);
 enums stay enums here and become strings only on the wire.
@@ -34,6 +35,7 @@ class Task:
     items: list[WorkItem]  # sequences to compute
     deadline: float  # unix time after which the result is useless
     reply_to: str = ""  # where the worker sends the result (stream key in distributed mode)
+    bulk: bool = False  # a bulk job's chunk: queued apart, and yields to interactive tasks
 
     @property
     def residues(self) -> int:

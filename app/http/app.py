@@ -12,33 +12,44 @@ from starlette.middleware.gzip import DEFAULT_EXCLUDED_CONTENT_TYPES, GZipMiddle
 
 from app import metrics as m
 from app.core.heap import freeze_heap
+from app.core.jobs.manager import JobManager
 from app.core.service import EmbeddingService
 from app.http.encoding import NPY, NPZ
 from app.http.errors import install_handlers
 from app.http.middleware import Gate
 from app.http.openapi import document_gate
-from app.http.routes import embeddings, health, metrics, models
+from app.http.routes import embeddings, health, jobs, metrics, models
 from app.http.routing import route_table
 from models import __version__
 
 #: Every router of the API; routes of PUBLIC routers need no API key.
-ROUTERS: tuple[APIRouter, ...] = (embeddings.router, models.router, health.router, metrics.router)
+ROUTERS: tuple[APIRouter, ...] = (
+    embeddings.router,
+    jobs.router,
+    models.router,
+    health.router,
+    metrics.router,
+)
 PUBLIC: tuple[APIRouter, ...] = (health.router,)
 
 
-def create_app(service: EmbeddingService) -> FastAPI:
-    """Build the ASGI app around a ready EmbeddingService (mode-agnostic)."""
+def create_app(service: EmbeddingService, job_manager: JobManager | None = None) -> FastAPI:
+    """Build the ASGI app around a ready EmbeddingService (mode-agnostic); bulk jobs run
+    through it (``job_manager``, by default the one the settings describe)."""
     art = service.artifact
     settings = service.settings
+    job_manager = job_manager or JobManager.create(service)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         m.export("api", art, sorted({r.path for r in route_table(app.router.routes)}))
         await service.dispatcher.start()
+        await job_manager.start()
         freeze_heap()  # the API's own start-up objects; the worker freezes again after warm-up
         try:
             yield
         finally:
+            await job_manager.stop()  # before the dispatcher: their chunks in flight withdraw
             await service.dispatcher.stop()
             await service.cache.close()
 
@@ -75,9 +86,9 @@ def create_app(service: EmbeddingService) -> FastAPI:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=origins,
-            allow_methods=["GET", "POST"],
+            allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "Accept", "X-Request-ID"],
-            expose_headers=["X-Request-ID", "Retry-After", "Content-Disposition"],
+            expose_headers=["X-Request-ID", "Retry-After", "Content-Disposition", "Location"],
             max_age=600,
         )
     generate_openapi = app.openapi
@@ -89,4 +100,5 @@ def create_app(service: EmbeddingService) -> FastAPI:
 
     app.openapi = openapi  # type: ignore[method-assign]
     app.state.service = service
+    app.state.jobs = job_manager
     return app

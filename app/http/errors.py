@@ -49,12 +49,13 @@ def error_response(err: APIError) -> Response:
 
 
 def _loc_to_param(loc: tuple) -> str:
-    """('body', 'input', 'list[str]', 3) → 'input[3]'; ('body', 'ids') → 'ids'.
+    """('body', 'input', 'list[str]', 3) → 'input[3]'; ('body', 'ids') → 'ids'; ('query',
+    'dimensions') → 'dimensions'.
 
     Requests have no nested objects, so every string after the field name is a union branch
     tag that pydantic adds to the location ('str', 'list[str]'): dropped.
     """
-    parts = [p for p in loc if p != "body"]
+    parts = [p for p in loc if p not in ("body", "query", "path")]
     if not parts or isinstance(parts[0], int):  # invalid JSON: loc is a character offset
         return "body"
     return str(parts[0]) + "".join(f"[{p}]" for p in parts[1:] if isinstance(p, int))

@@ -54,14 +54,18 @@ class Gate:
         self.max_body = max_body_bytes
         self.max_json_values = max_json_values
 
-    def _authorised(self, header: bytes | None) -> bool:
+    def _principal(self, header: bytes | None) -> str | None:
+        """Who is calling: a prefix of the key's digest (what bulk jobs belong to), "anonymous"
+        when no keys are configured; None without a valid key."""
+        if not self.key_digests:
+            return ANONYMOUS
         if header is None or not header.lower().startswith(b"bearer "):
-            return False
+            return None
         token = hashlib.sha256(header[7:].strip()).digest()
         ok = False
         for key in self.key_digests:  # no early exit: timing does not reveal which key matched
             ok |= hmac.compare_digest(token, key)
-        return ok
+        return token.hex()[:32] if ok else None
 
     def route_of(self, scope: Scope) -> RouteInfo | None:
         """The route that serves this request's path, for any method (None: no route)."""
@@ -108,8 +112,10 @@ class Gate:
             )
 
         try:
-            authorised = not self.key_digests or self._authorised(headers.get(b"authorization"))
+            principal = self._principal(headers.get(b"authorization"))
+            authorised = principal is not None
             scope["state"]["authenticated"] = authorised  # public routes show less without
+            scope["state"]["principal"] = principal or ANONYMOUS
             if not authorised and route not in self.public:
                 await reject(
                     401,
@@ -120,6 +126,16 @@ class Gate:
                 )
                 return
             method = scope["method"]
+            if info is not None and info.methods and method not in info.methods:
+                # Answered here, not by the router: Allow must list the methods of every route
+                # of the path (GET and POST /v1/jobs are two routes; Starlette names one).
+                extra = [(b"allow", ", ".join(sorted(info.methods)).encode())]
+                if _has_body(headers):
+                    extra.append((b"connection", b"close"))  # its body is never read
+                await reject(
+                    405, "Method Not Allowed", "invalid_request_error", "method_not_allowed", extra
+                )
+                return
             takes_body = info is not None and method in info.methods and method in BODY_METHODS
             if not takes_body and _has_body(headers):
                 # Only a route that takes a body gets one read: health probes, unknown paths and
@@ -127,16 +143,13 @@ class Gate:
                 code, msg, err = (
                     (404, "Not Found", "not_found")
                     if info is None
-                    else (405, "Method Not Allowed", "method_not_allowed")
-                    if method not in info.methods
                     else (400, f"{method} {route} takes no request body", "unexpected_body")
                 )
-                extra = [(b"connection", b"close")]
-                if code == 405 and info is not None:
-                    extra.append((b"allow", ", ".join(sorted(info.methods)).encode()))
-                await reject(code, msg, "invalid_request_error", err, extra)
+                await reject(code, msg, "invalid_request_error", err, [(b"connection", b"close")])
                 return
-            if takes_body:
+            if takes_body and info is not None and info.streams_body and not _json(headers):
+                pass  # an upload: the route reads it as it arrives, under its own limit
+            elif takes_body:
                 # A declared length over the limit is refused before a byte of the body is read.
                 too_long = _declared_length(headers) > self.max_body
                 body = None if too_long else await self._read_body(receive)
@@ -204,6 +217,14 @@ class Gate:
 
 
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+#: The principal of requests when no API keys are configured.
+ANONYMOUS = "anonymous"
+
+
+def _json(headers: dict[bytes, bytes]) -> bool:
+    """Whether the body is declared as JSON (what the gate buffers and bounds)."""
+    media = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+    return media == b"application/json"
 
 
 def _has_body(headers: dict[bytes, bytes]) -> bool:

@@ -40,6 +40,18 @@ ERROR_EXAMPLES = {
         "input",
         "too_many_residues",
     ),
+    409: _error(
+        "job job-20261205T120000-0a1b2c3d4e is running: a result exists only once it has succeeded",
+        "invalid_request_error",
+        "job_id",
+        "job_not_finished",
+    ),
+    415: _error(
+        "a job is a FASTA upload (…) or application/json, not 'image/png'",
+        "invalid_request_error",
+        "content-type",
+        "unsupported_media_type",
+    ),
     429: _error("the request queue is full; retry later", "rate_limit_error", None, "queue_full"),
     500: _error("internal error", "server_error", None, "internal"),
     503: _error(
@@ -53,7 +65,9 @@ ERROR_EXAMPLES = {
 ERROR_CASES = {
     400: "Invalid request: the field and item are named in `param`.",
     401: "Missing or invalid API key (only when keys are configured).",
-    404: "The requested model is not served here.",
+    404: "The requested model is not served here, or no job of this key has that id.",
+    409: "The job has not succeeded (yet): no result.",
+    415: "The body is neither FASTA (plain or gzip) nor JSON.",
     413: "Too many sequences or residues, a response over max_output_bytes, or a body over "
     "max_body_bytes or with too many JSON values.",
     429: "The request queue is full; retry after `Retry-After` seconds.",

@@ -20,24 +20,32 @@ except ImportError:  # pragma: no cover — older FastAPI flattens routers into 
 
 @dataclass(frozen=True, slots=True)
 class RouteInfo:
-    """One route: its path template, the methods it answers, and a matcher for paths."""
+    """One path: its template, the methods its routes answer, and a matcher for paths."""
 
     path: str  # template, e.g. "/v1/jobs/{job_id}"
     methods: frozenset[str]  # empty for non-HTTP routes
     regex: re.Pattern[str]  # full match of a request path
+    streams_body: bool = False  # its endpoint reads a non-JSON body as it arrives (an upload)
 
     def matches(self, path: str) -> bool:
         return self.regex.match(path) is not None
 
 
 def route_table(routes: Sequence[BaseRoute]) -> list[RouteInfo]:
-    """Every route of ``routes`` (an app's ``router.routes``), included routers flattened."""
+    """Every path of ``routes`` (an app's ``router.routes``, included routers flattened), with
+    the methods of all the routes that serve it (GET and POST /v1/jobs are two routes)."""
     flat = iter_route_contexts(routes) if iter_route_contexts is not None else routes
-    out = []
+    out: dict[str, RouteInfo] = {}  # one entry per path: the methods of all its routes
     for r in flat:
         path = getattr(r, "path", None)
         if path is None:
             continue
-        regex, _, _ = compile_path(path)
-        out.append(RouteInfo(path, frozenset(getattr(r, "methods", None) or ()), regex))
-    return out
+        methods = frozenset(getattr(r, "methods", None) or ())
+        streams = bool(getattr(getattr(r, "endpoint", None), "streams_body", False))
+        if (seen := out.get(path)) is not None:
+            out[path] = RouteInfo(
+                path, seen.methods | methods, seen.regex, seen.streams_body or streams
+            )
+        else:
+            out[path] = RouteInfo(path, methods, compile_path(path)[0], streams)
+    return list(out.values())

@@ -1,4 +1,8 @@
-"""HTTP types (pydantic v2) — the API boundary; every field documented in one line."""
+"""HTTP types (pydantic v2) — the API boundary; every field documented in one line.
+
+Every request and response type of the API is here, embeddings and bulk jobs alike: the one
+place pydantic is used, hence longer than the other modules.
+"""
 
 from __future__ import annotations
 
@@ -246,3 +250,140 @@ class ErrorResponse(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     error: ErrorDetail
+
+
+# -- bulk jobs ---------------------------------------------------------------------------------
+
+OnInvalidChoice = Literal["error", "skip"]
+
+
+class JobOptionsBase(BaseModel):
+    """Options of a bulk job (as for /v1/embeddings, plus the intake policies)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: StrictStr | None = Field(
+        None, description="Optional: the served family (e.g. 'esm2') or artifact name."
+    )
+    dimensions: StrictInt | None = Field(
+        None, ge=1, description="k: dims of each result (default: the artifact's full dim)."
+    )
+    pooling: Pooling = Field(
+        Pooling.mean,
+        description="mean over residues, per_residue vectors ('per-residue' accepted), or bos.",
+    )
+    normalize: StrictBool = Field(False, description="L2-normalise each vector after truncating.")
+    long_sequence_policy: LongSequencePolicy = Field(
+        LongSequencePolicy.truncate,
+        description="Sequences over the model context: error, truncate, or chunk (windows).",
+    )
+    dtype: Literal["float32", "float16"] = Field(
+        "float32", description="Element type of the result arrays."
+    )
+    on_invalid: OnInvalidChoice = Field(
+        "error",
+        description="A record with invalid residues or id: error (refuse the job, naming it) or "
+        "skip (leave it out; listed among the job's failures).",
+    )
+    strip_stop: StrictBool = Field(
+        False, description="Remove one trailing '*' (a stop codon) from each record."
+    )
+
+
+class JobQuery(JobOptionsBase):
+    """Options of a FASTA upload to POST /v1/jobs, as query parameters."""
+
+    # Query strings carry text: "true" and "64" are what a client can send.
+    dimensions: int | None = Field(
+        None, ge=1, description="k: dims of each result (default: the artifact's full dim)."
+    )
+    normalize: bool = Field(False, description="L2-normalise each vector after truncating.")
+    strip_stop: bool = Field(
+        False, description="Remove one trailing '*' (a stop codon) from each record."
+    )
+
+
+class JobRequest(JobOptionsBase):
+    """POST /v1/jobs with a JSON body: shaped like POST /v1/embeddings."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"input": EXAMPLE_REQUEST["input"], "ids": ["a", "b"], "dimensions": 64}]
+        },
+    )
+
+    input: ProteinSequences = Field(..., description="The sequences (whitespace stripped).")
+    ids: list[ItemId] | None = Field(
+        None, description="Optional ids, one per input, unique: the result's keys (default 0…N−1)."
+    )
+
+
+class JobFailure(BaseModel):
+    """A record left out of the result, and why."""
+
+    record: int = Field(..., description="Record number in the input, from 1.")
+    id: str = Field(..., description="Its id.")
+    error: str = Field(..., description="What went wrong.")
+    code: str = Field(..., description="invalid_sequence, sequence_too_long, out_of_memory, …")
+
+
+class JobProgress(BaseModel):
+    """Done and total (records, residues or chunks)."""
+
+    total: int = Field(..., description="How many the job has.")
+    done: int = Field(..., description="How many are done.")
+
+
+class JobResultInfo(BaseModel):
+    """Where a succeeded job's result is."""
+
+    url: str = Field(..., description="GET this path (add ?format=npy or ids for pooled jobs).")
+    formats: list[str] = Field(..., description="Formats available: npz; npy and ids if pooled.")
+    bytes: int = Field(..., description="Size of the .npz.")
+
+
+class JobInfo(BaseModel):
+    """A bulk job: GET /v1/jobs/{id}."""
+
+    id: str = Field(..., description="Job id (sorted by creation time).")
+    object: Literal["job"] = "job"
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"] = Field(
+        ..., description="queued → running → succeeded, failed or cancelled."
+    )
+    created_at: float = Field(..., description="Unix time it was accepted.")
+    started_at: float | None = Field(None, description="Unix time it started running.")
+    ended_at: float | None = Field(None, description="Unix time it ended.")
+    updated_at: float = Field(..., description="Unix time of the last progress update.")
+    model: str = Field(..., description="Artifact name.")
+    family: str = Field(..., description="Model family.")
+    artifact_sha256: str = Field(..., description="The artifact it is computed with.")
+    dimensions: int = Field(..., description="k.")
+    pooling: Pooling = Field(..., description="Pooling.")
+    long_sequence_policy: LongSequencePolicy = Field(..., description="Long-sequence policy.")
+    normalize: bool = Field(..., description="L2-normalised.")
+    dtype: str = Field(..., description="Element type of the result arrays.")
+    on_invalid: OnInvalidChoice = Field(..., description="Policy for invalid records.")
+    records: JobProgress = Field(..., description="Records accepted, and embedded so far.")
+    residues: JobProgress = Field(..., description="Their residues.")
+    chunks: JobProgress = Field(..., description="Chunks the job was cut into.")
+    skipped: int = Field(..., description="Records left out at intake (on_invalid=skip).")
+    failed: int = Field(..., description="Records that failed while computing.")
+    failures: list[JobFailure] = Field(
+        ..., description="Skipped and failed records (the first 100 of each)."
+    )
+    cache: dict[str, int] = Field(
+        ..., description="Records by cache tier (full_hit, partial, miss) so far."
+    )
+    residues_per_s: float | None = Field(None, description="Current rate of the job's driver.")
+    eta_s: float | None = Field(None, description="Seconds left at that rate.")
+    waiting: str | None = Field(None, description="Why nothing moves now (e.g. no_worker).")
+    error: str | None = Field(None, description="Why the job failed.")
+    result: JobResultInfo | None = Field(None, description="Once succeeded: where the result is.")
+
+
+class JobList(BaseModel):
+    """GET /v1/jobs: the caller's jobs, newest first."""
+
+    object: Literal["list"] = "list"
+    data: list[JobInfo]

@@ -20,14 +20,9 @@ by their API (``keys.cancelled_key``) are dropped between batches (``Worker.proc
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import math
-import os
-import socket
-import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import redis
 
@@ -37,16 +32,16 @@ from app.core.worker import gather
 from app.transport.keys import (
     GROUP,
     REPLY_TTL_S,
+    bulk_key,
     cancelled_key,
     tasks_key,
     text,
-    worker_id_of,
     worker_key,
 )
 from app.transport.wire import result_to_wire, task_from_wire
 
 if TYPE_CHECKING:
-    from app.core.worker import WorkerState
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +55,13 @@ FORGET_CONSUMER_IDLE_MS = 10 * 60 * 1000
 #: (a refused large command frees its query buffer within ~0.1 s; then small writes pass again).
 ERROR_REPLY_RETRY_S = 2.0
 
-Message = tuple[bytes, dict]
+Message = tuple[str, bytes, dict]  # stream, entry id, fields
 
 
 class RedisTaskSource:
-    """A TaskSource over the tasks stream's consumer group."""
+    """A TaskSource over the consumer group of the artifact's two streams: interactive tasks,
+    and bulk-job chunks read only when no interactive task is queued (one chunk per turn, so
+    that the others stay for the rest of the fleet)."""
 
     def __init__(
         self,
@@ -78,28 +75,34 @@ class RedisTaskSource:
         self.r = client
         self.prefix = prefix
         self.stream = tasks_key(prefix, artifact_sha)  # only this artifact's tasks
+        self.bulk_stream = bulk_key(prefix, artifact_sha)
+        self.streams = (self.stream, self.bulk_stream)
         self.consumer = consumer
         self.claim_idle_ms = int(claim_idle_s * 1000)
         self.dead_check_s = dead_check_s  # how often to look for consumers without a heartbeat
-        self._msg_ids: dict[str, bytes] = {}
+        self._msg_ids: dict[str, tuple[str, bytes]] = {}  # task id → (stream, entry id)
         self._last_claim = 0.0
         self._last_dead_check = 0.0
         self._ensure_group()
 
     def _ensure_group(self) -> None:
-        try:
-            self.r.xgroup_create(self.stream, GROUP, id="0", mkstream=True)
-        except redis.ResponseError as e:
-            if "BUSYGROUP" not in str(e):
-                raise
+        for stream in self.streams:
+            try:
+                self.r.xgroup_create(stream, GROUP, id="0", mkstream=True)
+            except redis.ResponseError as e:
+                if "BUSYGROUP" not in str(e):
+                    raise
 
-    def _read(self, block_s: float) -> list[Message]:
-        """New entries; blocks up to block_s for the first (0: only what is queued now)."""
+    def _read(
+        self, block_s: float, streams: tuple[str, ...], count: int = READ_COUNT
+    ) -> list[Message]:
+        """New entries of ``streams`` (at most ``count`` of each); blocks up to block_s for the
+        first (0: only what is queued now)."""
         block = max(1, int(block_s * 1000)) if block_s > 0 else None
         resp = self.r.xreadgroup(
-            GROUP, self.consumer, {self.stream: ">"}, count=READ_COUNT, block=block
+            GROUP, self.consumer, dict.fromkeys(streams, ">"), count=count, block=block
         )
-        return [msg for _, msgs in (resp or []) for msg in msgs]
+        return [(text(key), *msg) for key, msgs in (resp or []) for msg in msgs]
 
     def _claim(self) -> list[Message]:
         """Take over tasks of dead workers (no heartbeat) and tasks pending over claim_idle_s."""
@@ -107,41 +110,41 @@ class RedisTaskSource:
         msgs: list[Message] = []
         if now - self._last_dead_check >= self.dead_check_s:
             self._last_dead_check = now
-            msgs += self._claim_from_dead()
+            for stream in self.streams:
+                msgs += self._claim_from_dead(stream)
         if not msgs and now - self._last_claim >= self.claim_idle_ms / 4000:
             self._last_claim = now
-            _, stale, *_ = self.r.xautoclaim(
-                self.stream,
-                GROUP,
-                self.consumer,
-                self.claim_idle_ms,
-                start_id="0-0",
-                count=READ_COUNT,
-            )
-            stale = [msg for msg in stale if msg[1]]  # deleted entries come back empty
-            if stale:
-                m.TASKS_RECLAIMED.labels("idle").inc(len(stale))
-                log.warning("claimed tasks pending too long", extra={"count": len(stale)})
-            msgs += stale
+            for stream in self.streams:
+                _, stale, *_ = self.r.xautoclaim(
+                    stream,
+                    GROUP,
+                    self.consumer,
+                    self.claim_idle_ms,
+                    start_id="0-0",
+                    count=READ_COUNT,
+                )
+                stale = [(stream, *msg) for msg in stale if msg[1]]  # deleted ones come back empty
+                if stale:
+                    m.TASKS_RECLAIMED.labels("idle").inc(len(stale))
+                    log.warning("claimed tasks pending too long", extra={"count": len(stale)})
+                msgs += stale
         return msgs
 
-    def _claim_from_dead(self) -> list[Message]:
+    def _claim_from_dead(self, stream: str) -> list[Message]:
         """Tasks pending at consumers whose heartbeat expired: their worker is gone."""
         msgs: list[Message] = []
-        for c in self.r.xinfo_consumers(self.stream, GROUP):
+        for c in self.r.xinfo_consumers(stream, GROUP):
             name = text(c["name"])
             if name == self.consumer or self.r.exists(worker_key(self.prefix, name)):
                 continue
             if not c["pending"]:
                 if c["idle"] > FORGET_CONSUMER_IDLE_MS:  # keep XINFO short on long-lived groups
-                    self.r.xgroup_delconsumer(self.stream, GROUP, name)
+                    self.r.xgroup_delconsumer(stream, GROUP, name)
                 continue
-            pending = self.r.xpending_range(
-                self.stream, GROUP, "-", "+", READ_COUNT, consumername=name
-            )
+            pending = self.r.xpending_range(stream, GROUP, "-", "+", READ_COUNT, consumername=name)
             ids = [p["message_id"] for p in pending]
-            claimed = self.r.xclaim(self.stream, GROUP, self.consumer, DEAD_CLAIM_MIN_IDLE_MS, ids)
-            claimed = [msg for msg in claimed if msg[1]]
+            claimed = self.r.xclaim(stream, GROUP, self.consumer, DEAD_CLAIM_MIN_IDLE_MS, ids)
+            claimed = [(stream, *msg) for msg in claimed if msg[1]]
             if claimed:
                 m.TASKS_RECLAIMED.labels("dead").inc(len(claimed))
                 log.warning(
@@ -152,24 +155,31 @@ class RedisTaskSource:
 
     def _decode(self, msgs: list[Message]) -> list[Task]:
         tasks = []
-        for msg_id, fields in msgs:
+        for stream, msg_id, fields in msgs:
             try:
                 task = task_from_wire(fields[b"d"])
             except Exception:
                 log.exception("dropping undecodable task message")
-                self.r.xack(self.stream, GROUP, msg_id)
-                self.r.xdel(self.stream, msg_id)
+                self.r.xack(stream, GROUP, msg_id)
+                self.r.xdel(stream, msg_id)
                 continue
-            self._msg_ids[task.id] = msg_id
+            self._msg_ids[task.id] = (stream, msg_id)
             tasks.append(task)
         return tasks
 
     def take(self, budget: int, wait_s: float) -> list[Task]:
         try:
-            first = self._decode(self._claim() or self._read(0.5))
-            return gather(first, lambda t: self._decode(self._read(t)), budget, wait_s)
+            first = self._decode(self._claim())
+            if not first:  # interactive tasks queued now, else one bulk chunk, else wait for either
+                first = self._decode(self._read(0, (self.stream,)))
+                first = first or self._decode(self._read(0, (self.bulk_stream,), count=1))
+                first = first or self._decode(self._read(0.5, self.streams, count=1))
+            if not first or any(t.bulk for t in first):
+                return first
+            more = lambda t: self._decode(self._read(t, (self.stream,)))  # noqa: E731
+            return gather(first, more, budget, wait_s)
         except redis.ResponseError as e:
-            # Redis restarted without persistence: the stream and its group are gone.
+            # Redis restarted without persistence: the streams and their group are gone.
             if "NOGROUP" in str(e) or "no such key" in str(e):
                 self._ensure_group()
                 return []
@@ -179,14 +189,19 @@ class RedisTaskSource:
             time.sleep(1.0)
             return []
 
+    def urgent(self, budget: int) -> list[Task]:
+        """Interactive tasks queued now (for a turn of bulk chunks to run first)."""
+        more = lambda t: self._decode(self._read(0, (self.stream,)))  # noqa: E731
+        return gather(more(0), more, budget, 0)
+
     def reply(self, task: Task, result: TaskResult) -> None:
         """Send the result, then acknowledge and delete the task; retried while Redis is
         unreachable (until the task's deadline), so a computed result survives a Redis blip.
         A result Redis refuses to store (OOM at maxmemory) is replaced by a short error result,
         so that its request fails at once rather than at its deadline."""
-        msg_id = self._msg_ids.pop(task.id, None)
+        entry = self._msg_ids.pop(task.id, None)
         data = result_to_wire(result)
-        refused = self._send(task, data, msg_id)
+        refused = self._send(task, data, entry)
         if refused is None:
             return
         m.REPLIES_FAILED.inc()
@@ -208,7 +223,9 @@ class RedisTaskSource:
                 return
             time.sleep(0.1)
 
-    def _send(self, task: Task, data: bytes, msg_id: bytes | None) -> redis.ResponseError | None:
+    def _send(
+        self, task: Task, data: bytes, entry: tuple[str, bytes] | None
+    ) -> redis.ResponseError | None:
         """XADD the reply, XACK + XDEL the task (one round trip); the error if Redis refused
         the reply itself. Connection failures are retried until the task's deadline."""
         delay = 0.2
@@ -218,9 +235,9 @@ class RedisTaskSource:
                 if task.reply_to:
                     pipe.xadd(task.reply_to, {"d": data}, maxlen=10_000, approximate=True)
                     pipe.expire(task.reply_to, REPLY_TTL_S)
-                if msg_id is not None:
-                    pipe.xack(self.stream, GROUP, msg_id)
-                    pipe.xdel(self.stream, msg_id)
+                if entry is not None:
+                    pipe.xack(entry[0], GROUP, entry[1])
+                    pipe.xdel(entry[0], entry[1])
                 res = pipe.execute(raise_on_error=False)
                 if task.reply_to and isinstance(res[0], redis.ResponseError):
                     return res[0]
@@ -245,79 +262,16 @@ class RedisTaskSource:
 
     def skip(self, task: Task) -> None:
         """Acknowledge a withdrawn task (its API already deleted the entry)."""
-        msg_id = self._msg_ids.pop(task.id, None)
-        if msg_id is not None:
+        entry = self._msg_ids.pop(task.id, None)
+        if entry is not None:
             with contextlib.suppress(redis.RedisError):
-                self.r.xack(self.stream, GROUP, msg_id)
+                self.r.xack(entry[0], GROUP, entry[1])
 
     def close(self) -> None:
         """Leave the group on a clean stop, when nothing is pending here any more (a consumer
         name is used by one process only, so it would otherwise linger until forgotten)."""
         with contextlib.suppress(redis.RedisError):
-            mine = self.r.xpending_range(
-                self.stream, GROUP, "-", "+", 1, consumername=self.consumer
-            )
-            if not mine:
-                self.r.xgroup_delconsumer(self.stream, GROUP, self.consumer)
-
-
-class Heartbeat:
-    """Publishes a worker's state every period under its consumer name; the key expires after
-    three missed beats. A failed beat is retried every quarter second (after a Redis restart
-    the key is gone until the next beat, and the API counts only workers it can see)."""
-
-    def __init__(
-        self,
-        client: redis.Redis,
-        prefix: str,
-        consumer: str,
-        state: WorkerState,
-        artifact_sha: str,
-        device: str,
-        period_s: float,
-    ) -> None:
-        self.r, self.state, self.period = client, state, period_s
-        self.key = worker_key(prefix, consumer)
-        self.base = {
-            "id": worker_id_of(consumer),
-            "consumer": consumer,
-            "artifact": artifact_sha,
-            "device": device,
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "period_s": period_s,
-        }
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="rdserve-heartbeat", daemon=True)
-
-    def payload(self) -> dict[str, Any]:
-        return {
-            **self.base,
-            "loaded": self.state.loaded,
-            "ready": self.state.ready,
-            "running": self.state.running,
-            "error": self.state.error,
-            "ts": time.time(),
-        }
-
-    def beat(self) -> None:
-        self.r.set(self.key, json.dumps(self.payload()), ex=max(1, math.ceil(3 * self.period)))
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            wait = self.period
-            try:
-                self.beat()
-            except redis.RedisError as e:
-                log.warning("heartbeat failed", extra={"error": repr(e)})
-                wait = min(self.period, 0.25)
-            self._stop.wait(wait)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        with contextlib.suppress(redis.RedisError):
-            self.r.delete(self.key)
+            for stream in self.streams:
+                mine = self.r.xpending_range(stream, GROUP, "-", "+", 1, consumername=self.consumer)
+                if not mine:
+                    self.r.xgroup_delconsumer(stream, GROUP, self.consumer)

@@ -37,7 +37,15 @@ from app.core.dispatch import (
     ReplyLostError,
 )
 from app.core.tasks import Task, TaskResult
-from app.transport.keys import cancelled_key, new_reply_key, tasks_key, text, worker_key
+from app.transport.keys import (
+    GROUP,
+    bulk_key,
+    cancelled_key,
+    new_reply_key,
+    tasks_key,
+    text,
+    worker_key,
+)
 from app.transport.wire import result_from_wire, task_to_wire
 
 log = logging.getLogger(__name__)
@@ -49,6 +57,8 @@ if n >= tonumber(ARGV[1]) then return {0, n, ''} end
 local id = redis.call('XADD', KEYS[1], '*', 'd', ARGV[2])
 return {1, n + 1, id}
 """
+#: Most bulk-job chunks queued per artifact (each job keeps only a few in flight).
+MAX_BULK_QUEUE = 100_000
 #: In-flight requests give up (503) after the fleet has shown no live worker for this long.
 NO_WORKER_GRACE_S = 5.0
 #: A request waiting this long has its task entry checked: gone with no reply (at two checks a
@@ -65,6 +75,7 @@ class _InFlight:
     """A task the API queued and still waits for."""
 
     task: Task  # what was queued (kept to queue it again if Redis loses it)
+    stream: str  # the stream it was queued on (tasks, or bulk for a job's chunk)
     entry: str  # its stream entry id
     reply: asyncio.Future[TaskResult]  # resolved by the reply reader
     since: float  # monotonic time it was queued
@@ -83,6 +94,7 @@ class RedisDispatcher:
         self.r = client
         self.prefix = prefix
         self.stream = tasks_key(prefix, artifact_sha)
+        self.bulk_stream = bulk_key(prefix, artifact_sha)
         self.artifact_sha = artifact_sha
         self.n_levels = n_levels
         self.max_queue = max_queue
@@ -197,8 +209,8 @@ class RedisDispatcher:
         for f in list(self._inflight.values()):
             if f.reply.done() or f.task.deadline < now or not f.entry:  # "": being queued now
                 continue
-            if not await self.r.xrange(self.stream, f.entry, f.entry):
-                f.entry = text(await self.r.xadd(self.stream, {"d": task_to_wire(f.task)}))
+            if not await self.r.xrange(f.stream, f.entry, f.entry):
+                f.entry = text(await self.r.xadd(f.stream, {"d": task_to_wire(f.task)}))
                 f.missing, f.requeued = False, True
                 m.TASKS_RESUBMITTED.inc()
                 log.warning("task lost by redis; queued again", extra={"task": f.task.id})
@@ -216,7 +228,7 @@ class RedisDispatcher:
             return
         pipe = self.r.pipeline(transaction=False)
         for f in flights:
-            pipe.xrange(self.stream, f.entry, f.entry)
+            pipe.xrange(f.stream, f.entry, f.entry)
         for f, found in zip(flights, await pipe.execute(), strict=True):
             if found or f.reply.done():
                 f.missing = False
@@ -234,12 +246,21 @@ class RedisDispatcher:
 
     # -- fleet ----------------------------------------------------------------------------------
     async def queue_depth(self) -> int:
-        """Tasks in the stream now (asked at every scrape: the value seen at the last enqueue
-        would stay high after a burst until the next request)."""
+        """Tasks in the stream now, and the queue gauges refreshed from Redis (asked at every
+        scrape: the value seen at the last enqueue would stay high after a burst)."""
         try:
-            self._depth = int(await self.r.xlen(self.stream))
+            pipe = self.r.pipeline(transaction=False)
+            for stream in (self.stream, self.bulk_stream):
+                pipe.xlen(stream)
+                pipe.xinfo_groups(stream)
+            depth, groups, bulk_depth, bulk_groups = await pipe.execute(raise_on_error=False)
         except Exception as e:  # noqa: BLE001 — a scrape must not fail on a Redis hiccup
             log.warning("queue length unavailable", extra={"error": repr(e)})
+            return self._depth
+        for queue, n, info in (("tasks", depth, groups), ("bulk", bulk_depth, bulk_groups)):
+            n = n if isinstance(n, int) else 0
+            m.set_queue(queue, n, _group_lag(info, n))
+        self._depth = depth if isinstance(depth, int) else self._depth
         return self._depth
 
     async def status(self) -> FleetStatus:
@@ -302,19 +323,26 @@ class RedisDispatcher:
         if st.workers == 0:
             raise NoWorkerError(st.error or "no live worker serves this artifact")
         task.reply_to = self.reply_key
-        flight = _InFlight(task, "", asyncio.get_running_loop().create_future(), time.monotonic())
+        stream = self.bulk_stream if task.bulk else self.stream
+        flight = _InFlight(
+            task, stream, "", asyncio.get_running_loop().create_future(), time.monotonic()
+        )
         # Registered before the XADD: a worker may answer before the XADD's own reply reaches
         # us, and the reader must then find the request (or it discards the answer).
         self._inflight[task.id] = flight
         try:
             try:
                 # One round trip: the length check and the XADD happen atomically in Redis.
-                added, self._depth, entry = await self._enqueue(
-                    keys=[self.stream], args=[self.max_queue, task_to_wire(task)]
+                # Bulk chunks are bounded by their jobs' windows; only requests meet 429.
+                bound = MAX_BULK_QUEUE if task.bulk else self.max_queue
+                added, depth, entry = await self._enqueue(
+                    keys=[stream], args=[bound, task_to_wire(task)]
                 )
             except Exception as e:  # noqa: BLE001 — any Redis failure here means "not queued"
                 raise QueueUnavailableError(f"redis unavailable: {e}") from None
-            m.QUEUE_DEPTH.set(self._depth)
+            (m.BULK_QUEUE_DEPTH if task.bulk else m.QUEUE_DEPTH).set(depth)
+            if not task.bulk:
+                self._depth = depth
             if not added:
                 raise QueueFullError()
             flight.entry = text(entry)
@@ -342,7 +370,7 @@ class RedisDispatcher:
     async def _withdraw(self, flight: _InFlight) -> None:
         ttl = max(1, int(flight.task.deadline - time.time()) + 1)
         pipe = self.r.pipeline(transaction=False)
-        pipe.xdel(self.stream, flight.entry)
+        pipe.xdel(flight.stream, flight.entry)
         pipe.set(cancelled_key(self.prefix, flight.task.id), 1, ex=ttl)
         await pipe.execute()
 
@@ -368,3 +396,15 @@ class RedisDispatcher:
                     f"{NO_WORKER_GRACE_S:g} s while this request waited"
                     + (f" ({st.error})" if st.error else "")
                 )
+
+
+def _group_lag(groups: object, length: int) -> int:
+    """Entries of a stream its workers' group has not been handed yet (XINFO GROUPS ``lag``,
+    Redis ≥ 7; the stream's length when the group is missing or the lag unknown)."""
+    if not isinstance(groups, list):  # no stream yet (an error reply): nothing queued
+        return 0
+    for g in groups:
+        if text(g.get("name", b"")) == GROUP:
+            lag = g.get("lag")
+            return int(lag) if lag is not None else length
+    return length

@@ -6,6 +6,8 @@ Queue Redis (``redis_url``; must never evict: ``maxmemory-policy noeviction``):
                            sha256), read through the consumer group "workers": a worker only ever
                            reads the stream of the artifact it serves; an entry is deleted once
                            answered, or by its API when the request gives up
+<p>:bulk:<sha12>           the same for bulk-job chunks (same group): workers read it only when the
+                           tasks stream has nothing for them, so requests never queue behind a job
 <p>:cancelled:<task>       "withdrawn" mark of a task whose request gave up (expires with the task's
                            deadline): a worker already holding the task skips what is left of it
 <p>:replies:<api>          stream of packed TaskResults for one API process (expires when idle)
@@ -38,6 +40,11 @@ ARTIFACT_TAG_LEN = 12
 def tasks_key(prefix: str, artifact_sha: str) -> str:
     """The task stream of one artifact."""
     return f"{prefix}:tasks:{artifact_sha[:ARTIFACT_TAG_LEN]}"
+
+
+def bulk_key(prefix: str, artifact_sha: str) -> str:
+    """The bulk-job chunk stream of one artifact (read only when its task stream is empty)."""
+    return f"{prefix}:bulk:{artifact_sha[:ARTIFACT_TAG_LEN]}"
 
 
 def cancelled_key(prefix: str, task_id: str) -> str:

@@ -72,6 +72,7 @@ def task_to_wire(task: Task) -> bytes:
             "policy": str(task.policy),
             "deadline": task.deadline,
             "reply_to": task.reply_to,
+            "bulk": task.bulk,
             "items": [[it.seq, it.start, it.stop, it.prefix] for it in task.items],
         }
     )
@@ -87,6 +88,7 @@ def task_from_wire(data: bytes) -> Task:
         deadline=d["deadline"],
         reply_to=d["reply_to"],
         items=[WorkItem(s, a, b, p) for s, a, b, p in d["items"]],
+        bulk=d.get("bulk", False),
     )
 
 

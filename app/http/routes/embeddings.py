@@ -5,7 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Body, Request
 from starlette.responses import Response
 
-from app.core.service import EmbeddingService, EmbedQuery
+from app.core.query import EmbedQuery
+from app.core.service import EmbeddingService
 from app.http.encoding import NPY, NPZ, binary_body, json_body, value_bytes, wants_binary
 from app.http.openapi import BINARY, error_responses
 from app.http.schemas import EXAMPLE_REQUEST, EmbeddingRequest, EmbeddingResponse

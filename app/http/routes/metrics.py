@@ -25,6 +25,6 @@ router = APIRouter(tags=["metrics"])
 )
 async def metrics(request: Request) -> Response:
     service: EmbeddingService = request.app.state.service
-    m.QUEUE_DEPTH.set(await service.dispatcher.queue_depth())
+    await service.dispatcher.queue_depth()  # refreshes the queue gauges
     m.WORKERS_LIVE.set((await service.dispatcher.status()).workers)  # both modes
     return Response(generate_latest(m.REGISTRY), media_type=CONTENT_TYPE_LATEST)
