@@ -30,6 +30,18 @@ ThreadsOpt = Annotated[
 ]
 
 
+DevicesOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="one worker process per device: all (every CUDA device), or a list such as "
+        "cuda:0,cuda:1 or cpu,cpu; worker i is <worker-id>-i on metrics port "
+        "<metrics-port>+i [RDSERVE_DEVICES]",
+        envvar="RDSERVE_DEVICES",
+        show_envvar=False,
+    ),
+]
+
+
 def _settings(**overrides: Any) -> Settings:
     """Settings from RDSERVE_* variables, with CLI flags (those given) taking precedence."""
     with user_errors():
@@ -128,8 +140,10 @@ def worker(
         str | None, typer.Option(help="bind address of that port [RDSERVE_METRICS_HOST]")
     ] = None,
     threads: ThreadsOpt = None,
+    devices: DevicesOpt = None,
 ) -> None:
-    """Run a worker: consume tasks from Redis, run the chain, reply (one per GPU)."""
+    """Run a worker: consume tasks from Redis, run the chain, reply (one per GPU; with
+    --devices, one process per device, each restarted alone if it dies)."""
     import redis
 
     from app.bootstrap import load_served_artifact, make_embedder, make_worker, resolve_family
@@ -138,21 +152,24 @@ def worker(
     from app.transport.heartbeat import Heartbeat
     from app.transport.keys import default_worker_id, new_consumer
 
-    s = _settings(
-        artifact=artifact,
-        redis_url=redis_url,
-        models=models,
-        family=family,
-        device=device,
-        dtype=dtype,
-        worker_id=worker_id,
-        metrics_port=metrics_port,
-        metrics_host=metrics_host,
-        threads=threads,
-    )
+    # Flags that every worker of a --devices fleet shares (device, id and port are per worker).
+    shared: dict[str, object] = {
+        "artifact": artifact,
+        "redis_url": redis_url,
+        "models": models,
+        "family": family,
+        "dtype": dtype,
+        "metrics_host": metrics_host,
+        "threads": threads,
+    }
+    s = _settings(**shared, device=device, worker_id=worker_id, metrics_port=metrics_port)
     logs.configure(s.log_level)
     if not s.redis_url:
         raise fail("a worker needs --redis-url (or RDSERVE_REDIS_URL)")
+    if devices is not None:
+        if device is not None:
+            raise fail("--device and --devices exclude each other (--devices cpu for one worker)")
+        raise typer.Exit(_supervise(devices, s, shared, s.worker_id or default_worker_id()))
     name = s.worker_id or default_worker_id()
     consumer = new_consumer(name)  # fresh per start: see app/transport/keys.py
     endpoint = None
@@ -202,3 +219,32 @@ def worker(
     finally:
         beat.stop()
         source.close()
+
+
+def _supervise(spec: str, s: Settings, shared: dict[str, object], worker_id: str) -> int:
+    """``worker --devices``: one single-device worker process per device (app/cli/supervise)."""
+    from app.cli import supervise
+
+    def cuda_count() -> int:
+        import torch
+
+        return torch.cuda.device_count()
+
+    with user_errors():
+        devices = supervise.parse_devices(spec, cuda_count)
+        slots = supervise.plan_slots(devices, worker_id, s.metrics_port)
+    try:
+        supervise.check_ports(slots, s.metrics_host)
+    except OSError as e:
+        raise _listen_error(
+            "the workers' /metrics and /health/live",
+            s.metrics_host,
+            s.metrics_port,
+            "--metrics-port / RDSERVE_METRICS_PORT: worker i gets that port + i; 0 turns them off",
+            e,
+        ) from None
+    for slot in slots:
+        port = f", /metrics and /health/live on :{slot.metrics_port}" if slot.metrics_port else ""
+        err.print(f"worker {slot.worker_id}: {slot.device}{port}", highlight=False)
+    env = supervise.child_env(shared)
+    return supervise.Supervisor(slots, supervise.worker_command(), env).run()
