@@ -4,8 +4,9 @@
 # is off: every client authenticates.
 #
 #   REDIS_API_PASSWORD_FILE     user rdserve-api: the API (every key under the prefix)
-#   REDIS_WORKER_PASSWORD_FILE  user rdserve-worker: workers (tasks, replies, heartbeats and
-#                               withdrawal marks; not the cache); unset where workers never connect
+#   REDIS_WORKER_PASSWORD_FILE  user rdserve-worker: workers (tasks and bulk-job chunks, replies,
+#                               heartbeats and withdrawal marks; not the cache nor job leases);
+#                               unset where workers never connect
 #   RDSERVE_REDIS_PREFIX        the prefix the users' keys are confined to (default rdserve)
 #
 # The password is a file's first line, trimmed (as rdserve reads RDSERVE_REDIS_PASSWORD_FILE).
@@ -27,12 +28,13 @@ set -- "$@" --user default reset off
 if [ -n "${REDIS_API_PASSWORD_FILE:-}" ]; then
     set -- "$@" --user rdserve-api reset on "#$(digest "$REDIS_API_PASSWORD_FILE")" \
         "~${prefix}:*" -@all +@connection -@dangerous +info \
-        +scan +mget +set +del +expire +hmget +hset \
-        +xadd +xlen +xrange +xdel +xread +evalsha +eval "+script|load"
+        +scan +get +mget +set +del +expire +pexpire +hmget +hset \
+        +xadd +xlen +xrange +xdel +xread "+xinfo|groups" +evalsha +eval "+script|load"
 fi
 if [ -n "${REDIS_WORKER_PASSWORD_FILE:-}" ]; then
     set -- "$@" --user rdserve-worker reset on "#$(digest "$REDIS_WORKER_PASSWORD_FILE")" \
-        "~${prefix}:tasks:*" "~${prefix}:replies:*" "~${prefix}:worker:*" "~${prefix}:cancelled:*" \
+        "~${prefix}:tasks:*" "~${prefix}:bulk:*" "~${prefix}:replies:*" "~${prefix}:worker:*" \
+        "~${prefix}:cancelled:*" \
         -@all +@connection -@dangerous +exists +mget +set +del +expire \
         "+xgroup|create" "+xgroup|delconsumer" +xreadgroup +xautoclaim +xclaim \
         "+xinfo|consumers" +xpending +xack +xdel +xadd

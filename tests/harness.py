@@ -110,7 +110,7 @@ class Cluster:
             "serve",
             "--port",
             str(self.port),
-            env={**env, **self.roles("api")},
+            env={**self.env, **self.roles("api")},
             log=logs / "api.log",
         )
         self.workers: dict[str, Proc] = {}
