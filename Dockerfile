@@ -22,10 +22,11 @@ RUN python -m venv /opt/venv \
     && pip install --no-cache-dir --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
 WORKDIR /src
 COPY pyproject.toml README.md constraints.txt ./
+COPY client ./client
 COPY models ./models
 COPY app ./app
 # A regular (non-editable) install: the runtime stage needs the venv only, not /src.
-RUN pip install --no-cache-dir -c constraints.txt . \
+RUN pip install --no-cache-dir -c constraints.txt ./client . \
     && rdserve --help > /dev/null
 
 # ---- runtime ----------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Annotated
 
@@ -44,7 +45,6 @@ def ids_path(out: Path) -> Path:
 
 
 def embed(
-    artifact: Annotated[Path, typer.Option(help="projection artifact (.safetensors)")],
     fasta: Annotated[str, typer.Option(help="FASTA file (gzip too), or - for standard input")],
     dimensions: Annotated[int, typer.Option(help="k: output dims (≤ the artifact's max)")],
     out: Annotated[
@@ -74,13 +74,24 @@ def embed(
     strip_stop: Annotated[
         bool, typer.Option(help="remove one trailing '*' (stop codon) from each record")
     ] = False,
+    artifact: Annotated[
+        Path | None, typer.Option(help="projection artifact (.safetensors), to run here")
+    ] = None,
+    server: Annotated[
+        str | None,
+        typer.Option(help="an rdserve URL: run the file as a bulk job on its fleet instead"),
+    ] = None,
+    api_key: Annotated[
+        str | None, typer.Option(help="API key for --server", envvar="RDSERVE_API_KEY")
+    ] = None,
     models: ModelsOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     token_budget: BudgetOpt = None,
     threads: ThreadsOpt = None,
 ) -> None:
-    """Embed a FASTA file offline into .npy (+ ids) or .npz keyed by FASTA id."""
+    """Embed a FASTA file into .npy (+ ids) or .npz keyed by FASTA id: in this process
+    (--artifact), or as a bulk job on a server's fleet (--server)."""
     from models.embedder import Embedder
     from models.families.base import set_threads
 
@@ -91,6 +102,20 @@ def embed(
             raise ValueError("per-residue output is written as .npz (one L×k array per FASTA id)")
         if fasta != "-" and not Path(fasta).is_file():
             raise ValueError(f"--fasta {fasta}: no such file")
+        if (artifact is None) == (server is None):
+            raise ValueError("give --artifact (embed here) or --server (a bulk job), not both")
+        if server is not None:
+            opts = {
+                "dimensions": dimensions,
+                "pooling": pooling.value,
+                "long_sequence_policy": long_sequence_policy.value,
+                "normalize": normalize,
+                "on_invalid": on_invalid.value,
+                "strip_stop": strip_stop,
+            }
+            embed_remote(server, api_key, fasta, out, opts)
+            return
+        assert artifact is not None
         set_threads(threads)
         embedder = Embedder.from_artifact(
             artifact,
@@ -146,3 +171,41 @@ def embed(
         if recs.skipped:
             report = skipped_report(recs.skipped, out.with_suffix(".skipped.tsv"))
             err.print(report, highlight=False, soft_wrap=True)
+
+
+def embed_remote(server: str, api_key: str | None, fasta: str, out: Path, opts: dict) -> None:
+    """The file as a bulk job on ``server`` (rdserve_client): streamed upload, progress while
+    the fleet works, the result streamed to ``out`` (and its ids beside a .npy)."""
+    import shutil
+    import sys
+    import tempfile
+
+    from rdserve_client import Client
+
+    with contextlib.ExitStack() as stack:
+        if fasta == "-":  # the client uploads a file: spool standard input to one first
+            spool = stack.enter_context(tempfile.NamedTemporaryFile(suffix=".fasta"))
+            shutil.copyfileobj(sys.stdin.buffer, spool)
+            spool.flush()
+            fasta = spool.name
+        rd = stack.enter_context(Client(server, api_key))
+        job = rd.submit_job(fasta, **opts)
+        err.print(f"job {job.id}: {job.info['records']['total']} records", highlight=False)
+        info = job.wait(progress=True)
+        if info["status"] != "succeeded":
+            raise ValueError(f"job {job.id} {info['status']}: {info.get('error') or ''}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        job.download(out, out.suffix[1:])
+        if out.suffix == ".npy":
+            job.download(ids_path(out), "ids")
+    where = f"{out} and {ids_path(out)}" if out.suffix == ".npy" else str(out)
+    err.print(
+        f"wrote {where} ({info['records']['done']} sequences, k={info['dimensions']}, on "
+        f"{server}: {info['family']} {info['model']})",
+        highlight=False,
+        soft_wrap=True,
+    )
+    failures = [(f["record"], f["id"], f["error"]) for f in info["failures"]]
+    if failures:
+        report = skipped_report(failures, out.with_suffix(".skipped.tsv"))
+        err.print(report, highlight=False, soft_wrap=True)
