@@ -1,7 +1,8 @@
 """The ``rdserve`` command line, above both packages: one module per command group.
 
 artifacts.py   fit · info · import-reference · fetch-weights
-embed.py       embed (offline, in this process)
+embed.py       embed (in this process, or as a bulk job on a server with --server)
+ray_embed.py   ray-embed (on a Ray cluster, resumable shards)
 evaluate.py    eval proteingym
 service.py     serve · worker
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import typer
 
-from app.cli import artifacts, embed, evaluate, service
+from app.cli import artifacts, embed, evaluate, ray_embed, service
 from app.cli.ui import human_logs
 
 cli = typer.Typer(
@@ -33,6 +34,7 @@ def _main() -> None:
 
 cli.command()(artifacts.fit)
 cli.command()(embed.embed)
+cli.command("ray-embed")(ray_embed.ray_embed)
 cli.command()(artifacts.info)
 cli.command("import-reference")(artifacts.import_reference_cmd)
 cli.command("fetch-weights")(artifacts.fetch_weights)

@@ -1,7 +1,7 @@
 """Bulk jobs: a file of sequences embedded on the whole fleet, its result kept in a store.
 
 A job's input is validated as it streams in and cut into chunks (``intake``), each written to
-the result store (``store``: a directory or any fsspec URL); the job's spec and state live
+the result store (``app.core.store``: a directory or any fsspec URL); the job's spec and state live
 there too, so any API replica can answer for any job and a job survives the process that
 accepted it and a Redis restart. One API process at a time drives a job (``runner``), holding a
 lease (``leases``): each chunk goes through the embedding service like a request — cache

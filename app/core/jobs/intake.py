@@ -20,7 +20,7 @@ import numpy as np
 
 from app.core.errors import APIError
 from app.core.jobs.model import Failure, JobOptions, OnInvalid
-from app.core.jobs.store import ResultStore
+from app.core.store import ResultStore
 from models.formats import member_name_problem
 from models.sequences import FastaParser, SequenceError, clean_sequence, handling_for
 from models.specs import FamilySpec

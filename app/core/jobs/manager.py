@@ -26,8 +26,8 @@ from app.core.jobs.leases import Leases, LocalLeases, RedisLeases
 from app.core.jobs.model import JobOptions, JobSpec, JobState, JobStatus, new_job_id
 from app.core.jobs.results import FORMATS
 from app.core.jobs.runner import JobContext, JobRunner, JobStopped
-from app.core.jobs.store import ResultStore
 from app.core.service import EmbeddingService
+from app.core.store import ResultStore
 from models.sequences import Pooling
 
 log = logging.getLogger(__name__)

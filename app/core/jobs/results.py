@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from app.core.jobs.store import ResultStore
+from app.core.store import ResultStore
 from models.formats import write_npz, write_npz_items
 
 #: Result formats a client may ask for: file name and media type.

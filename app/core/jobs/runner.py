@@ -21,9 +21,9 @@ from app.core.errors import APIError
 from app.core.jobs.leases import Leases
 from app.core.jobs.model import MAX_LISTED_FAILURES, Failure, JobSpec, JobState, JobStatus
 from app.core.jobs.results import assemble, done_chunks, write_chunk
-from app.core.jobs.store import ResultStore
 from app.core.query import EmbedQuery
 from app.core.service import EmbeddingService
+from app.core.store import ResultStore
 from models.sequences import Pooling
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,6 @@
-"""The result store: where jobs' inputs, states and results live — a local directory, or any
-filesystem fsspec reaches by URL (``s3://bucket/prefix``, ``gs://…``, ``memory://`` in tests).
+"""The result store: where bulk jobs' inputs, states and results, and offline runs' shards, live —
+a local directory, or any filesystem fsspec reaches by URL (``s3://bucket/prefix``, ``gs://…``,
+``memory://`` in tests).
 
 Writes are atomic: on a local filesystem a file is written beside its name and renamed into
 place; an object store's object appears whole when its upload completes. So a reader never
