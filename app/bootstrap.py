@@ -152,8 +152,8 @@ def load_served_artifact(settings: Settings) -> Artifact:
 
 
 def make_embedder(settings: Settings, artifact: Artifact) -> Embedder:
-    """The artifact's chain as the settings say (device, dtype, threads, batching, model
-    locations)."""
+    """The artifact's chain as the settings say (device, dtype, threads, batching, packing and
+    compilation, model locations)."""
     # torch and the model code load here, not at import: a distributed API never needs them.
     from models.embedder import Embedder
     from models.families.base import set_threads
@@ -161,6 +161,12 @@ def make_embedder(settings: Settings, artifact: Artifact) -> Embedder:
     threads = set_threads(settings.threads)
     log.info("torch threads", extra={"threads": threads})
 
+    compile_options = None
+    if settings.compile:
+        from models.families.base import CompileOptions, default_cache_dir
+
+        default = (settings.cache_dir or default_cache_dir()) / "torch-compile"
+        compile_options = CompileOptions(cache_dir=settings.compile_cache_dir or default)
     return Embedder.from_artifact(
         artifact,
         models=settings.model_list,
@@ -170,6 +176,8 @@ def make_embedder(settings: Settings, artifact: Artifact) -> Embedder:
         token_budget=settings.token_budget,
         chunk_overlap=settings.chunk_overlap,
         cache_dir=settings.cache_dir,
+        packed=settings.packed_batches,
+        compile=compile_options,
     )
 
 

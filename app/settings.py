@@ -73,6 +73,21 @@ class Settings(BaseSettings):
     )
     chunk_overlap: int = Field(256, ge=0, description="Overlap of windows for the 'chunk' policy.")
     warmup: bool = Field(True, description="Load every level and run a small batch at start.")
+    packed_batches: bool = Field(
+        False,
+        description="Run each batch as one unpadded row with variable-length attention (esm2; "
+        "FlashAttention's varlen kernel on CUDA in bf16/fp16).",
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile each level's layers for a handful of packed batch lengths "
+        "during warm-up (readiness waits for it; implies packed_batches; esm2).",
+    )
+    compile_cache_dir: Path | None = Field(
+        None,
+        description="Where compiled kernels are kept for the next start; default "
+        "<cache_dir>/torch-compile.",
+    )
 
     # Request limits
     max_sequences: int = Field(

@@ -56,3 +56,56 @@ def padding_fraction(batches: Sequence[Sequence[int]], lengths: Sequence[int]) -
     real = sum(lengths[i] for b in batches for i in b)
     grid = sum(len(b) * max(lengths[i] for i in b) for b in batches if b)
     return 1.0 - real / grid if grid else 0.0
+
+
+def plan_packed(tokens: Sequence[int], token_budget: int) -> list[list[int]]:
+    """Group indices into packed batches of at most ``token_budget`` tokens (first-fit
+    decreasing: longest first, each into the first batch with room for it).
+
+    ``tokens[i]`` is what item i occupies in a packed (unpadded) row: its residues plus the
+    family's special tokens, summed over its windows when chunked.  No row pads to a neighbour
+    and the batches come out nearly full, so a compiled model's bucket rounding
+    (:func:`bucket_tokens`) wastes little but in the last batch; an item over the budget gets a
+    batch of its own.  Deterministic: ties keep input order, items keep it within a batch.
+    """
+    order = sorted(range(len(tokens)), key=lambda i: (-tokens[i], i))
+    batches: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        slot = next((b for b, r in enumerate(room) if tokens[i] <= r), None)
+        if slot is None:
+            batches.append([])
+            room.append(token_budget)
+            slot = len(batches) - 1
+        batches[slot].append(i)
+        room[slot] -= tokens[i]
+    return [sorted(b) for b in batches]
+
+
+#: Packed batch sizes are rounded up to budget / 2^j for j < BUCKET_LEVELS (and to
+#: budget · 2^j above the budget): a handful of shapes for compiled models.
+BUCKET_LEVELS = 4
+#: Bucket sizes are multiples of this (tensor-core friendly).
+BUCKET_ALIGN = 64
+
+
+def token_buckets(token_budget: int) -> list[int]:
+    """The packed row lengths up to the budget: budget / 8, / 4, / 2, budget (64-aligned)."""
+    sizes = {
+        -(-max(BUCKET_ALIGN, token_budget >> j) // BUCKET_ALIGN) * BUCKET_ALIGN
+        for j in range(BUCKET_LEVELS)
+    }
+    return sorted(sizes)
+
+
+def bucket_tokens(tokens: int, token_budget: int) -> int:
+    """The bucket a packed batch of ``tokens`` tokens is padded to: the smallest of
+    :func:`token_buckets` that holds it; over the budget (one long or chunked item), the budget
+    doubled until it does."""
+    for size in token_buckets(token_budget):
+        if tokens <= size:
+            return size
+    size = token_buckets(token_budget)[-1]
+    while size < tokens:
+        size *= 2
+    return size

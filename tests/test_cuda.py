@@ -152,3 +152,85 @@ def test_a_sequence_too_large_for_the_device_fails_alone(chain):
             }
         )
     )
+
+
+# ---- the fast path on the GPU (issue 17): packed flash-varlen batches, pinned copies, compile --
+
+
+def tiny_on_cuda(tiny_artifact, dtype: str, packed: bool = False, compile=None) -> Embedder:
+    from models.artifact import load_artifact
+
+    art = load_artifact(tiny_artifact)
+    family = build_chain("esm2", levels=list(art.levels), device="cuda", dtype=dtype)
+    if packed or compile is not None:
+        family.set_fast_path(packed=packed, compile=compile)
+    return Embedder(family, art, token_budget=2048)
+
+
+def short_proteins(n: int, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    aa = np.array(list("ACDEFGHIKLMNPQRSTVWY"))
+    return ["".join(rng.choice(aa, int(rng.integers(5, 400)))) for _ in range(n)]
+
+
+def test_packed_flash_varlen_equals_padded_sdpa(tiny_artifact):
+    from models.extract import Pooling
+    from models.families.varlen import flash_varlen_available
+
+    seqs = short_proteins(40, 0)
+    for dtype, min_cos in (("bfloat16", 0.999), ("float32", 0.99999)):
+        padded = tiny_on_cuda(tiny_artifact, dtype)
+        packed = tiny_on_cuda(tiny_artifact, dtype, packed=True)
+        assert packed.pipeline_depth == 1  # launches run ahead of the copies on CUDA
+        for pooling in (Pooling.mean, Pooling.per_residue):
+            a = packed.compute(seqs, stop=2, pooling=pooling)
+            b = padded.compute(seqs, stop=2, pooling=pooling)
+            if pooling == Pooling.per_residue:
+                x = np.concatenate([np.concatenate(i.blocks, -1) for i in a])
+                y = np.concatenate([np.concatenate(i.blocks, -1) for i in b])
+                cos = (x * y).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(y, axis=1)
+            else:
+                cos = cosines(a, b)
+            assert cos.min() > min_cos, (dtype, pooling, cos.min())
+    probe = torch.zeros(1, 4, 8, 16, device="cuda", dtype=torch.bfloat16)
+    print("CUDA_PACKED", json.dumps({"flash_varlen": flash_varlen_available(probe)}))
+
+
+def test_pinned_pipelined_copies_equal_the_cpu_results(tiny_artifact):
+    from models.artifact import load_artifact
+    from models.extract import Pooling
+
+    seqs = short_proteins(60, 1)
+    gpu = tiny_on_cuda(tiny_artifact, "float32", packed=True)
+    art = load_artifact(tiny_artifact)
+    cpu = Embedder(build_chain("esm2", levels=list(art.levels), device="cpu"), art, 2048)
+    for pooling in (Pooling.mean, Pooling.per_residue):
+        for a, b in zip(
+            gpu.compute(seqs, 2, pooling=pooling, k=60),
+            cpu.compute(seqs, 2, pooling=pooling, k=60),
+            strict=True,
+        ):
+            for x, y in zip(a.blocks, b.blocks, strict=True):
+                np.testing.assert_allclose(x, y, atol=2e-4, rtol=1e-3)
+
+
+def test_compiled_inductor_levels_on_cuda_do_not_recompile(tiny_artifact, tmp_path):
+    from torch._dynamo.utils import counters
+
+    from models.extract import Pooling
+    from models.families.base import CompileOptions
+
+    torch._dynamo.reset()
+    emb = tiny_on_cuda(tiny_artifact, "bfloat16", compile=CompileOptions(cache_dir=tmp_path))
+    eager = tiny_on_cuda(tiny_artifact, "bfloat16", packed=True)
+    t0 = time.perf_counter()
+    emb.warm(0)  # one level: its buckets are what the test needs (each graph costs seconds)
+    warm_s = time.perf_counter() - t0
+    frames = counters["frames"]["ok"]
+    for seed in range(20):
+        seqs = short_proteins(int(np.random.default_rng(seed).integers(1, 30)), 100 + seed)
+        a = emb.compute(seqs, 0, pooling=Pooling.mean)
+        b = eager.compute(seqs, 0, pooling=Pooling.mean)
+        assert cosines(a, b).min() > 0.999
+    assert counters["frames"]["ok"] == frames
+    print("CUDA_COMPILE", json.dumps({"warm_s": warm_s, "graphs": frames}))

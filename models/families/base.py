@@ -15,16 +15,47 @@ import torch
 from models.errors import LevelMismatchError, WeightsUnavailableError
 from models.specs import FamilySpec, Level
 
-__all__ = ["Level", "LevelMismatchError", "LevelOutput", "ModelFamily", "WeightsUnavailableError"]
+__all__ = [
+    "CompileOptions",
+    "Level",
+    "LevelMismatchError",
+    "LevelOutput",
+    "ModelFamily",
+    "WeightsUnavailableError",
+]
 
 
 @dataclass(slots=True)
 class LevelOutput:
-    """Final-layer representations of one padded batch, aligned to residues."""
+    """Final-layer representations of one batch, aligned to residues.
 
-    residues: torch.Tensor  # (B, T, d) float32; [b, t] is residue t of row b
-    mask: torch.Tensor  # (B, T) bool; True on real residues
+    Padded batch: ``residues`` (B, T, d), [b, t] residue t of row b, and ``mask`` (B, T) True
+    on real residues.  Packed batch: ``residues`` (Σ row lengths, d), rows back to back in
+    batch order, and ``mask`` None.
+    """
+
+    residues: torch.Tensor  # float32
+    mask: torch.Tensor | None  # (B, T) bool, or None when packed
     bos: torch.Tensor | None  # (B, d) float32 start-token representation, if the family has one
+
+
+@dataclass(frozen=True, slots=True)
+class CompileOptions:
+    """How a family compiles its models (``torch.compile``) as they load."""
+
+    cache_dir: Path | None = None  # inductor / Triton caches; None: torch's default (/tmp)
+    backend: str = "inductor"  # "eager" / "aot_eager" trace without generating code (tests)
+    mode: str | None = None  # torch.compile mode, e.g. "max-autotune"
+
+    def apply_cache_dir(self) -> None:
+        """Point torch's compile caches (inductor's FX graph and AOT caches, Triton's kernels)
+        at ``cache_dir``, so that a restart reuses them.  They are environment variables, read
+        whenever a cache is used: this process's, and inherited by its children."""
+        if self.cache_dir is None:
+            return
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.cache_dir / "inductor")
+        os.environ["TRITON_CACHE_DIR"] = str(self.cache_dir / "triton")
 
 
 def default_cache_dir() -> Path:
@@ -111,6 +142,7 @@ class ModelFamily(ABC):
     max_residues: ClassVar[int | None]  # context limit in residues; None = unlimited
     special_tokens: ClassVar[int]  # tokens added per sequence (counted in batch budgets)
     has_bos: ClassVar[bool]  # whether a start-token representation exists ('bos' pooling)
+    supports_packing: ClassVar[bool] = False  # encode(seqs, pad_to=…) packs rows (varlen)
 
     def __init_subclass__(cls, spec: FamilySpec | None = None, **kw: Any) -> None:
         """``class X(ModelFamily, spec=FAMILY_SPECS[...])``: the torch-free spec is the source."""
@@ -137,6 +169,25 @@ class ModelFamily(ABC):
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self._models: dict[int, torch.nn.Module] = {}
         self._lock = threading.Lock()
+        self.packed = False  # batches are packed rows (set_fast_path)
+        self.compile_options: CompileOptions | None = None
+
+    def set_fast_path(self, packed: bool = False, compile: CompileOptions | None = None) -> None:
+        """Packed (unpadded, variable-length attention) batches and/or compiled models.
+
+        Compiling implies packing: packed rows are bucketed to a handful of lengths, so a
+        compiled model sees a handful of shapes.  Set before any level loads.
+        """
+        if (packed or compile is not None) and not self.supports_packing:
+            raise ValueError(
+                f"family {self.name!r} cannot pack batches (needed for packed and compiled runs)"
+            )
+        if self._models:
+            raise RuntimeError("set the fast path before loading models")
+        self.packed = packed or compile is not None
+        self.compile_options = compile
+        if compile is not None:
+            compile.apply_cache_dir()
 
     @classmethod
     @abstractmethod
@@ -162,11 +213,19 @@ class ModelFamily(ABC):
         """Run one loaded model on an encoded batch."""
 
     def load(self, level: int) -> torch.nn.Module:
-        """Load a level (once; thread-safe) and return its model."""
+        """Load a level (once; thread-safe) and return its model (compiled, if so configured:
+        the code is generated at the first batch of each shape)."""
         with self._lock:
             if level not in self._models:
-                self._models[level] = self._load(level)
+                model = self._load(level)
+                if self.compile_options is not None:
+                    model = self._compile(model, self.compile_options)
+                self._models[level] = model
             return self._models[level]
+
+    def _compile(self, model: torch.nn.Module, options: CompileOptions) -> torch.nn.Module:
+        """Compile a loaded model; families override to compile repeated blocks only."""
+        return torch.compile(model, backend=options.backend, mode=options.mode, dynamic=False)
 
     def is_loaded(self, level: int) -> bool:
         """Whether the level's weights are resident."""

@@ -11,7 +11,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.families.base import Level, LevelOutput, ModelFamily, WeightsUnavailableError
+from models.families import varlen
+from models.families.base import (
+    CompileOptions,
+    Level,
+    LevelOutput,
+    ModelFamily,
+    WeightsUnavailableError,
+)
 from models.specs import FAMILY_SPECS
 
 #: Shorthand → (hub id, representation width) for the published ESM-2 sizes.
@@ -98,8 +105,44 @@ class EsmBatch:
     residue_mask: torch.Tensor  # (B, T) bool
 
 
+@dataclass(slots=True)
+class EsmPackedBatch:
+    """One packed row: the sequences back to back, each <cls> residues <eos>, then padding up
+    to the bucket length in pieces of at most ``max_len`` (sequences of their own)."""
+
+    input_ids: torch.Tensor  # (1, T) int64
+    position_ids: torch.Tensor  # (1, T) int64: position within each sequence (<cls> is 0)
+    cu_seqlens: torch.Tensor  # (S + pieces + 1,) int64: where each sequence starts; T last
+    max_len: int  # bound on any sequence's tokens (a constant per T: no recompiles)
+    residue_index: torch.Tensor  # (Σ lengths,) int64: positions of the residues in the row
+    bos_index: torch.Tensor  # (S,) int64: positions of each <cls>
+    _on: dict[str, tuple[torch.Tensor, ...]] | None = None  # device copies, made once
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """(ids, positions, cu_seqlens, residue_index, bos_index) on ``device``, copied once
+        per batch (every level reuses them), asynchronously from pinned memory on CUDA."""
+        key = str(device)
+        if self._on is None:
+            self._on = {}
+        if key not in self._on:
+            host = (
+                self.input_ids,
+                self.position_ids,
+                self.cu_seqlens,
+                self.residue_index,
+                self.bos_index,
+            )
+            cuda = device.type == "cuda"
+            self._on[key] = tuple(
+                (t.pin_memory() if cuda else t).to(device, non_blocking=cuda) for t in host
+            )
+        return self._on[key]
+
+
 class ESM2Family(ModelFamily, spec=FAMILY_SPECS["esm2"]):
     """ESM-2: final-layer per-residue representations, <cls>/<eos>/padding excluded."""
+
+    supports_packing = True
 
     def __init__(
         self,
@@ -184,7 +227,16 @@ class ESM2Family(ModelFamily, spec=FAMILY_SPECS["esm2"]):
         assert self._special is not None
         return self._table, self._special
 
-    def encode(self, seqs: Sequence[str]) -> EsmBatch:
+    def set_fast_path(self, packed: bool = False, compile: CompileOptions | None = None) -> None:
+        super().set_fast_path(packed, compile)
+        if self.packed:
+            self.attn_implementation = varlen.register()
+
+    def encode(self, seqs: Sequence[str], pad_to: int | None = None) -> EsmBatch | EsmPackedBatch:
+        """Token ids of a batch: padded rows, or one packed row of ``pad_to`` tokens (at least
+        Σ (length + 2); default exactly that) when the family packs."""
+        if self.packed:
+            return self._encode_packed(seqs, pad_to)
         table, (cls_id, eos_id, pad_id) = self._tokenizer_table()
         width = max(len(s) for s in seqs)
         ids = np.full((len(seqs), width + 2), pad_id, dtype=np.int64)
@@ -198,6 +250,37 @@ class ESM2Family(ModelFamily, spec=FAMILY_SPECS["esm2"]):
         residue = positions[None, :width] < lengths[:, None]
         return EsmBatch(
             torch.from_numpy(ids), torch.from_numpy(attention), torch.from_numpy(residue)
+        )
+
+    def _encode_packed(self, seqs: Sequence[str], pad_to: int | None) -> EsmPackedBatch:
+        table, (cls_id, eos_id, pad_id) = self._tokenizer_table()
+        lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+        tokens = lengths + 2
+        starts = np.concatenate([[0], np.cumsum(tokens)[:-1]])
+        used = int(tokens.sum())
+        width = used if pad_to is None else pad_to
+        if width < used:
+            raise ValueError(f"pad_to={pad_to} is shorter than the batch ({used} tokens)")
+        ids = np.full(width, pad_id, dtype=np.int64)
+        ids[starts] = cls_id
+        ids[starts + lengths + 1] = eos_id
+        seq_of = np.repeat(np.arange(len(seqs)), tokens)
+        pos = np.arange(used) - starts[seq_of]
+        residue_index = np.flatnonzero((pos >= 1) & (pos <= lengths[seq_of]))
+        residues = np.frombuffer("".join(seqs).encode("ascii"), dtype=np.uint8)
+        ids[residue_index] = table[residues]
+        # The padded tail: sequences of at most max_len tokens, so that max_len bounds them all.
+        max_len = min(width, self.max_residues + 2 if self.max_residues else width)
+        pieces = np.arange(used, width, max_len)
+        cu = np.concatenate([starts, pieces, [width]])
+        positions = np.arange(width) - np.repeat(cu[:-1], np.diff(cu))
+        return EsmPackedBatch(
+            input_ids=torch.from_numpy(ids).unsqueeze(0),
+            position_ids=torch.from_numpy(positions).unsqueeze(0),
+            cu_seqlens=torch.from_numpy(cu),
+            max_len=int(max_len),
+            residue_index=torch.from_numpy(residue_index),
+            bos_index=torch.from_numpy(starts),
         )
 
     def _load(self, level: int) -> torch.nn.Module:
@@ -226,7 +309,22 @@ class ESM2Family(ModelFamily, spec=FAMILY_SPECS["esm2"]):
         self.check_dim(level, model.config.hidden_size)
         return model.to(self.device).eval()
 
-    def _forward(self, model: torch.nn.Module, batch: EsmBatch) -> LevelOutput:
+    def _compile(self, model: torch.nn.Module, options: CompileOptions) -> torch.nn.Module:
+        """Regional compilation: each transformer layer, not the whole model.  The layers
+        share one code object, so one compiled graph per packed length serves all of them (33
+        at 650M): compile time is that of one layer, not of the model."""
+        # Every level's layers share that code object too: room for one graph per (level,
+        # packed length): the budget's buckets and a few doublings above it.
+        config = torch._dynamo.config
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        setattr(config, name, max(getattr(config, name), 8 * len(self.levels)))
+        for layer in model.encoder.layer:
+            layer.compile(backend=options.backend, mode=options.mode, dynamic=False)
+        return model
+
+    def _forward(self, model: torch.nn.Module, batch: EsmBatch | EsmPackedBatch) -> LevelOutput:
+        if isinstance(batch, EsmPackedBatch):
+            return self._forward_packed(model, batch)
         cuda = self.device.type == "cuda"
         ids = batch.input_ids.pin_memory() if cuda else batch.input_ids
         att = batch.attention_mask.pin_memory() if cuda else batch.attention_mask
@@ -238,6 +336,25 @@ class ESM2Family(ModelFamily, spec=FAMILY_SPECS["esm2"]):
             residues=hidden[:, 1:-1],
             mask=batch.residue_mask.to(self.device, non_blocking=cuda),
             bos=hidden[:, 0],
+        )
+
+    def _forward_packed(self, model: torch.nn.Module, batch: EsmPackedBatch) -> LevelOutput:
+        ids, positions, cu, residue_index, bos_index = batch.on(self.device)
+        if self.compile_options is not None:
+            # The number of sequences varies per batch; only the row length is bucketed.
+            torch._dynamo.mark_dynamic(cu, 0)
+        hidden = model(
+            input_ids=ids,
+            position_ids=positions,
+            cu_seq_lens_q=cu,
+            cu_seq_lens_k=cu,
+            max_length_q=batch.max_len,
+            max_length_k=batch.max_len,
+        ).last_hidden_state[0]
+        return LevelOutput(
+            residues=hidden.index_select(0, residue_index).float(),
+            mask=None,
+            bos=hidden.index_select(0, bos_index).float(),
         )
 
 
