@@ -16,7 +16,6 @@ import pytest
 import redis
 
 from app.cli.supervise import Slot, backoff_s, check_ports, parse_devices, plan_slots
-from app.transport.keys import worker_key
 from tests.harness import Cluster, cluster_env
 from tests.procs import free_port, rdserve
 
@@ -69,8 +68,8 @@ def _two_free_ports() -> int:
 
 
 def _beats(r: redis.Redis) -> dict[str, dict]:
-    """Live heartbeats by worker id."""
-    keys = list(r.scan_iter(match=worker_key(PREFIX, "*")))
+    """Live heartbeats by worker id (``<prefix>:…worker:<consumer>``, app/transport/keys.py)."""
+    keys = list(r.scan_iter(match=f"{PREFIX}:*worker:*"))
     beats = [json.loads(raw) for raw in r.mget(keys) if raw] if keys else []
     return {hb["id"]: hb for hb in beats if hb.get("running")}
 
