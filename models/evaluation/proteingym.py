@@ -1,144 +1,40 @@
-"""ProteinGym DMS assays: loading, subsampling, folds, cached pooled embeddings, probe runs.
+"""ProteinGym DMS linear probes: cached pooled embeddings, configurations, the per-assay runs.
 
 One pass of the chain per assay: every level runs once per batch (mean pooling) and the RD
 embedding is the projection of the pooled raw outputs (exact: every RD step is affine).  The raw
-pooled outputs are cached per assay, so another artifact of the same chain needs no forwards.
+pooled outputs are cached per assay, so another artifact of the same chain needs no forwards;
+the PCA baselines' fitting moments are cached the same way.  Assay files are read and checked
+first (:mod:`models.evaluation.assays`); each assay is probed under every fold scheme asked for.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from models.evaluation.probe import ALPHAS, probe_score, random_folds
+from models.artifact import Artifact
+from models.evaluation.assays import PreparedAssays, assay_folds
+from models.evaluation.baselines import CONCAT, TOP, Baselines
+from models.evaluation.folds import ALL_SCHEMES, FoldScheme
+from models.evaluation.options import ALPHAS, MeanPooling, Probe
+from models.evaluation.probe import probe_score
 from models.extract import Extractor, ForwardObserver, Pooling
+from models.fit import Progress, accumulate_moments
+from models.moments import Moments
 from models.projection import Projector
-from models.sequences import LongSequencePolicy, SequenceError, clean_sequences, sequences_digest
+from models.sequences import LongSequencePolicy, sequences_digest
 
-REQUIRED_COLUMNS = ("mutant", "mutated_sequence", "DMS_score")
-FOLD_COLUMN = "fold_random_5"
 CACHE_FORMAT = "rdserve.eval-pooled/1"
-
-
-@dataclass(frozen=True)
-class Assay:
-    """The variants of one DMS assay (possibly a subsample of the file's rows)."""
-
-    name: str  # file stem, e.g. BLAT_ECOLX_Stiffler_2015
-    path: Path
-    mutants: list[str]
-    sequences: list[str]  # mutated sequences, all of the wild type's length
-    scores: np.ndarray  # (n,) DMS_score, higher = fitter
-    file_folds: np.ndarray | None  # (n,) fold_random_5 labels when the file has them
-    n_total: int  # usable variants in the file before subsampling
-
-    @property
-    def length(self) -> int:
-        """Wild-type length (substitutions keep it)."""
-        return len(self.sequences[0])
-
-    def __len__(self) -> int:
-        return len(self.sequences)
-
-
-def find_assays(paths: Sequence[Path]) -> list[Path]:
-    """CSV files named directly or found (non-recursively, sorted) in named directories."""
-    found: list[Path] = []
-    for p in paths:
-        if p.is_dir():
-            found.extend(sorted(q for q in p.glob("*.csv") if q.is_file()))
-        elif p.is_file():
-            found.append(p)
-        else:
-            raise FileNotFoundError(f"{p}: no such assay file or directory")
-    unique = list(dict.fromkeys(p.resolve() for p in found))
-    if not unique:
-        raise ValueError(f"no assay CSV files in {', '.join(str(p) for p in paths)}")
-    stems = [p.stem for p in unique]
-    dup = sorted({s for s in stems if stems.count(s) > 1})
-    if dup:
-        raise ValueError(f"assay names must be unique; repeated: {', '.join(dup)}")
-    return unique
-
-
-def read_assay(path: Path) -> Assay:
-    """Rows of a ProteinGym CSV (mutant, mutated_sequence, DMS_score[, fold_random_5]).
-
-    Rows whose DMS_score is missing or not finite are dropped (they cannot be ranked).
-    """
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        cols = reader.fieldnames or []
-        missing = [c for c in REQUIRED_COLUMNS if c not in cols]
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {', '.join(missing)}")
-        rows = [r for r in reader if _finite(r["DMS_score"])]
-    if len(rows) < 2 * 5:
-        raise ValueError(f"{path}: {len(rows)} scored variants; a 5-fold probe needs ≥ 10")
-    try:
-        seqs = clean_sequences(r["mutated_sequence"] for r in rows)
-    except SequenceError as e:
-        raise ValueError(f"{path}: row {e.index + 1} ({rows[e.index]['mutant']}): {e}") from None
-    if len({len(s) for s in seqs}) != 1:
-        raise ValueError(f"{path}: mutated sequences differ in length (substitutions only)")
-    folds = None
-    if FOLD_COLUMN in cols:
-        folds = np.array([int(float(r[FOLD_COLUMN])) for r in rows], dtype=np.int64)
-    return Assay(
-        name=path.stem,
-        path=path,
-        mutants=[r["mutant"] for r in rows],
-        sequences=seqs,
-        scores=np.array([float(r["DMS_score"]) for r in rows]),
-        file_folds=folds,
-        n_total=len(rows),
-    )
-
-
-def _finite(v: str | None) -> bool:
-    try:
-        return v is not None and bool(np.isfinite(float(v)))
-    except ValueError:
-        return False
-
-
-def subsample_indices(n: int, max_variants: int | None, seed: int) -> np.ndarray:
-    """Rows kept: all when n ≤ max_variants, else a seeded uniform draw without replacement,
-    in file order (default_rng(seed).choice(n, max_variants, replace=False), sorted)."""
-    if max_variants is None or n <= max_variants:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).choice(n, max_variants, replace=False))
-
-
-def subsample(assay: Assay, max_variants: int | None, seed: int) -> Assay:
-    """The assay restricted to ``subsample_indices`` (same seed for every assay)."""
-    idx = subsample_indices(len(assay), max_variants, seed)
-    if len(idx) == len(assay):
-        return assay
-    return replace(
-        assay,
-        mutants=[assay.mutants[i] for i in idx],
-        sequences=[assay.sequences[i] for i in idx],
-        scores=assay.scores[idx],
-        file_folds=None if assay.file_folds is None else assay.file_folds[idx],
-    )
-
-
-def assay_folds(assay: Assay, seed: int) -> tuple[np.ndarray, str]:
-    """(fold labels, source): the file's fold_random_5 when present, else seeded random 5-fold."""
-    if assay.file_folds is not None:
-        return assay.file_folds, FOLD_COLUMN
-    return random_folds(len(assay), seed), f"random(seed={seed})"
+MOMENTS_FORMAT = "rdserve.eval-moments/1"
 
 
 # -- pooled embeddings -------------------------------------------------------------------------
@@ -264,16 +160,91 @@ class PooledChain:
                 on_batch(len(plan.items), int(batch.lengths.sum()))
         return out
 
+    def moments_key(self, seqs: Sequence[str], policy: LongSequencePolicy) -> str:
+        """sha256 of what determines the per-residue joint moments of fitting sequences."""
+        spec = {
+            "format": MOMENTS_FORMAT,
+            "family": self.family.name,
+            "levels": [[lv.model_id, lv.revision, lv.dim] for lv in self.family.levels],
+            "local_weights": [local_weights_stamp(lv.model_id) for lv in self.family.levels],
+            "dtype": str(self.family.dtype),
+            "policy": str(policy),
+            "token_budget": self.extractor.token_budget,
+            "n": len(seqs),
+            "sequences_sha256": sequences_digest(seqs),
+        }
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+    def fitting_moments(
+        self,
+        seqs: Sequence[str],
+        policy: LongSequencePolicy = LongSequencePolicy.truncate,
+        progress: Progress | None = None,
+    ) -> tuple[Moments, bool]:
+        """(joint per-residue moments of [x_1 … x_n] over ``seqs``, whether from the cache):
+        one pass of the chain, as :func:`models.fit.accumulate_moments` runs for a fit."""
+        key = self.moments_key(seqs, policy)
+        path = None if self.cache_dir is None else self.cache_dir / f"moments.{key[:16]}.npz"
+        if path is not None and path.is_file():
+            try:
+                with np.load(path, allow_pickle=False) as z:
+                    if str(z["key"]) == key:
+                        m = Moments(int(z["mean"].shape[0]))
+                        m.mean, m.scatter, m.n = z["mean"], z["scatter"], int(z["n"])
+                        return m, True
+            except (OSError, KeyError, ValueError):
+                pass
+        moments = accumulate_moments(self.extractor, seqs, policy, progress)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
+            with os.fdopen(fd, "wb") as fh:
+                np.savez(
+                    fh,
+                    key=np.array(key),
+                    mean=moments.mean,
+                    scatter=moments.scatter,
+                    n=np.array(moments.n),
+                )
+            os.replace(tmp, path)
+        return moments, False
+
+    def start_states(self) -> list[np.ndarray]:
+        """Per level, the state after the start token alone (UniRep: h_0), for
+        :attr:`MeanPooling.jax_unirep`."""
+        start_state = getattr(self.family, "start_state", None)
+        if start_state is None:
+            raise ValueError(
+                f"--pooling {MeanPooling.jax_unirep} is UniRep's convention; the "
+                f"{self.family.name} family has no start state"
+            )
+        return [start_state(i).cpu().numpy() for i in range(len(self.family.levels))]
+
+
+def jax_unirep_mean(residue_mean: np.ndarray, length: int, start_state: np.ndarray) -> np.ndarray:
+    """(L·x̄ + h_0)/(L + 1): jax-unirep's h_avg from the residues-only mean x̄ of length L.
+
+    h_0 is the same for every sequence (the recurrence starts from zeros), so within one assay
+    (one length) this is an affine map with a common scale: RD of it is the same affine map of
+    RD (every step is affine), and the standardised probe's scores do not change.
+    """
+    mean = (length * np.asarray(residue_mean, np.float64) + start_state) / (length + 1)
+    return mean.astype(np.float32)
+
 
 # -- configurations and the per-assay probe ----------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Config:
-    """One embedding to probe: a level's raw output, RD cut to a level dim, or RD cut to k."""
+    """One embedding to probe.
 
-    name: str  # raw-256 | rd-256 | trunc-128
-    kind: str  # raw | rd | trunc
+    raw-d: a level's raw output; rd-d: RD cut to a level's dim; trunc-k: RD of the largest level
+    cut to k; pca-concat-k / pca-top-k: the baselines (:mod:`models.evaluation.baselines`).
+    """
+
+    name: str  # raw-256 | rd-256 | trunc-128 | pca-concat-128 | pca-top-128
+    kind: str  # raw | rd | trunc | pca-concat | pca-top
     dim: int
     level: int | None = None  # raw and rd: the level whose dim this is
 
@@ -285,19 +256,32 @@ def truncation_dims(dims: Sequence[int]) -> list[int]:
     return sorted(set(powers) | set(dims))
 
 
-def configurations(dims: Sequence[int]) -> list[Config]:
-    """raw-d_ℓ and rd-d_ℓ for every level ℓ, then the truncation curve trunc-k of h_n."""
+def configurations(dims: Sequence[int], baselines: bool = False) -> list[Config]:
+    """raw-d_ℓ and rd-d_ℓ for every level ℓ, the truncation curve trunc-k of h_n, and with
+    ``baselines`` pca-concat-k and pca-top-k at the same k."""
     out = [Config(f"raw-{d}", "raw", d, i) for i, d in enumerate(dims)]
     out += [Config(f"rd-{d}", "rd", d, i) for i, d in enumerate(dims)]
-    out += [Config(f"trunc-{k}", "trunc", k) for k in truncation_dims(dims)]
+    ks = truncation_dims(dims)
+    out += [Config(f"trunc-{k}", "trunc", k) for k in ks]
+    if baselines:
+        out += [Config(f"{CONCAT}-{k}", CONCAT, k) for k in ks]
+        out += [Config(f"{TOP}-{k}", TOP, k) for k in ks]
     return out
 
 
-def features(config: Config, raw: Sequence[np.ndarray], rd: np.ndarray) -> np.ndarray:
-    """raw → x̄_ℓ; rd and trunc → the first ``dim`` columns of h̄_n (nested)."""
-    if config.kind == "raw":
-        assert config.level is not None
+def features(
+    config: Config,
+    raw: Sequence[np.ndarray],
+    rd: np.ndarray,
+    pcs: dict[str, np.ndarray] | None = None,
+) -> np.ndarray:
+    """The (n, dim) feature matrix of a configuration."""
+    if config.kind == "raw" and config.level is not None:
         return raw[config.level]
+    if config.kind in (CONCAT, TOP):
+        if pcs is None:
+            raise ValueError(f"{config.name}: no baselines were fitted")
+        return pcs[config.kind][:, : config.dim]
     return rd[:, : config.dim]
 
 
@@ -307,16 +291,21 @@ def score_configs(
     rd: np.ndarray,
     scores: np.ndarray,
     folds: np.ndarray,
+    pcs: dict[str, np.ndarray] | None = None,
+    probe: Probe = Probe.standardised,
     alphas: np.ndarray = ALPHAS,
 ) -> dict[str, float]:
     """Probe score of each configuration; identical feature sets (rd-d_ℓ, trunc-d_ℓ) run once."""
     done: dict[tuple[str, int], float] = {}
     out: dict[str, float] = {}
+    d1 = raw[0].shape[1]
     for c in configs:
-        # raw keys by level, rd/trunc by dim: trunc-d_ℓ reuses rd-d_ℓ's probe.
-        key = ("raw", c.dim) if c.kind == "raw" else ("rd", c.dim)
+        # Keyed by the features: trunc-d_ℓ reuses rd-d_ℓ's probe, and RD up to d_1 is raw-d_1.
+        kind = c.kind if c.kind in (CONCAT, TOP) else "rd"
+        key = ("raw", c.dim) if c.kind == "raw" or (kind == "rd" and c.dim == d1) else (kind, c.dim)
         if key not in done:
-            done[key] = probe_score(features(c, raw, rd), scores, folds, alphas)
+            x = features(c, raw, rd, pcs)
+            done[key] = probe_score(x, scores, folds, alphas, probe)
         out[c.name] = done[key]
     return out
 
@@ -329,6 +318,9 @@ class EvalSettings:
     max_len: int = 600  # skip assays whose wild type is longer
     max_variants: int | None = None  # seeded subsample per assay
     seed: int = 0  # subsample and random-fold seed (same for every assay)
+    schemes: tuple[FoldScheme, ...] = ALL_SCHEMES
+    probe: Probe = Probe.standardised
+    pooling: MeanPooling = MeanPooling.residues
 
 
 @dataclass
@@ -337,12 +329,24 @@ class AssayResult:
     length: int  # wild-type length
     n_variants: int  # variants probed (after subsampling)
     n_total: int  # scored variants in the file
-    fold_source: str  # fold_random_5 | random(seed=…)
+    fold_sources: dict[FoldScheme, str]  # scheme → "file" or how the folds were built
     cached: bool  # pooled embeddings came from the cache
     forward_seconds: float  # wall time of the chain's forwards (this run, or when cached)
-    embed_seconds: float  # this run: forwards or cache read, plus the RD projection
-    probe_seconds: float  # this run: every configuration's probe
-    scores: dict[str, float]  # config name → mean held-out Spearman
+    embed_seconds: float  # this run: forwards or cache read, plus the projections
+    probe_seconds: float  # this run: every configuration's probe under every scheme
+    scores: dict[FoldScheme, dict[str, float]]  # scheme → config → mean held-out Spearman
+
+
+@dataclass(frozen=True)
+class BaselineFit:
+    """Where the PCA baselines came from (for reports)."""
+
+    source: str  # the fitting FASTA
+    n_sequences: int
+    n_residues: int
+    data_sha256: str
+    cached: bool
+    seconds: float  # this run: the moments (forwards or cache read) and both eigendecompositions
 
 
 @dataclass
@@ -352,10 +356,19 @@ class Evaluation:
     settings: EvalSettings
     results: list[AssayResult] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (assay, reason)
+    notes: list[str] = field(default_factory=list)  # input files left out, and why
+    baselines: BaselineFit | None = None
 
-    def matrix(self, name: str) -> np.ndarray:
-        """(assays,) scores of one configuration, in result order."""
-        return np.array([r.scores[name] for r in self.results])
+    @property
+    def schemes(self) -> tuple[FoldScheme, ...]:
+        return self.settings.schemes
+
+    def matrix(self, name: str, scheme: FoldScheme = FoldScheme.random) -> np.ndarray:
+        """(assays,) scores of one configuration under one scheme, in result order."""
+        return np.array([r.scores[scheme][name] for r in self.results])
+
+    def config(self, name: str) -> Config:
+        return next(c for c in self.configs if c.name == name)
 
 
 @dataclass
@@ -365,31 +378,33 @@ class Hooks:
     assay_start: Callable[[str, int], None] | None = None  # (name, batches to run; 0 = cached)
     batch: Callable[[int, int], None] | None = None  # (sequences, residues) of a finished batch
     assay_done: Callable[[AssayResult], None] | None = None
-    skipped: Callable[[str, str], None] | None = None
 
 
 def run_proteingym(
-    paths: Sequence[Path],
+    prepared: PreparedAssays,
     chain: PooledChain,
     projector: Projector,
     settings: EvalSettings,
     hooks: Hooks | None = None,
     observer: ForwardObserver | None = None,
+    baselines: Baselines | None = None,
+    baseline_fit: BaselineFit | None = None,
 ) -> Evaluation:
-    """Probe every configuration on every assay ≤ max_len (assays in path order)."""
+    """Probe every configuration on every prepared assay under every scheme of ``settings``."""
     hooks = hooks or Hooks()
     dims = projector.dims
-    ev = Evaluation(list(dims), configurations(dims), settings)
-    for path in paths:
-        full = read_assay(path)
-        if full.length > settings.max_len:
-            reason = f"wild type {full.length} aa > max-len {settings.max_len}"
-            ev.skipped.append((full.name, reason))
-            if hooks.skipped:
-                hooks.skipped(full.name, reason)
-            continue
-        assay = subsample(full, settings.max_variants, settings.seed)
-        folds, fold_source = assay_folds(assay, settings.seed)
+    if list(dims) != [lv.dim for lv in chain.family.levels]:
+        raise ValueError(f"artifact dims {list(dims)} differ from the chain's")
+    ev = Evaluation(
+        list(dims),
+        configurations(dims, baselines is not None),
+        settings,
+        skipped=list(prepared.skipped),
+        notes=list(prepared.notes),
+        baselines=baseline_fit,
+    )
+    starts = chain.start_states() if settings.pooling == MeanPooling.jax_unirep else None
+    for assay in prepared.assays:
         t0 = time.perf_counter()
         entry = chain.load_cached(assay.name, assay.sequences)
         cached = entry is not None
@@ -401,15 +416,24 @@ def run_proteingym(
             chain.save_cached(assay.name, assay.sequences, raw, forward_s)
         else:
             raw, forward_s = entry
+        if starts is not None:
+            raw = [jax_unirep_mean(x, assay.length, h0) for x, h0 in zip(raw, starts, strict=True)]
         rd = rd_from_raw(projector, raw)
+        pcs = baselines.project(raw) if baselines is not None else None
         t1 = time.perf_counter()
-        scores = score_configs(ev.configs, raw, rd, assay.scores, folds)
+        scores: dict[FoldScheme, dict[str, float]] = {}
+        sources: dict[FoldScheme, str] = {}
+        for scheme in settings.schemes:
+            folds, sources[scheme] = assay_folds(assay, scheme, settings.seed)
+            scores[scheme] = score_configs(
+                ev.configs, raw, rd, assay.scores, folds, pcs, settings.probe
+            )
         result = AssayResult(
             name=assay.name,
             length=assay.length,
             n_variants=len(assay),
             n_total=assay.n_total,
-            fold_source=fold_source,
+            fold_sources=sources,
             cached=cached,
             forward_seconds=forward_s,
             embed_seconds=t1 - t0,
@@ -420,3 +444,44 @@ def run_proteingym(
         if hooks.assay_done:
             hooks.assay_done(result)
     return ev
+
+
+# -- the baselines' fitting data ---------------------------------------------------------------
+
+
+def check_fitting_data(artifact: Artifact, seqs: Sequence[str], source: str) -> None:
+    """Raise unless ``seqs`` are the artifact's fitting sequences (its recorded sha256)."""
+    want = artifact.fitting.get("data_sha256")
+    got = sequences_digest(seqs)
+    if want and got != want:
+        raise ValueError(
+            f"{source}: these {len(seqs):,} sequences are not the artifact's fitting data "
+            f"(sha256 {got[:16]}… vs {str(want)[:16]}…; it was fitted on "
+            f"{artifact.fitting.get('n_sequences')} sequences of {artifact.fitting.get('source')})"
+        )
+
+
+def fit_baselines(
+    chain: PooledChain,
+    artifact: Artifact,
+    seqs: Sequence[str],
+    source: str,
+    progress: Progress | None = None,
+) -> tuple[Baselines, BaselineFit]:
+    """Both PCA baselines from the joint moments of the artifact's own fitting sequences (one
+    pass of the chain, cached), up to the largest level's width."""
+    check_fitting_data(artifact, seqs, source)
+    t0 = time.perf_counter()
+    policy = LongSequencePolicy(artifact.fitting.get("long_sequence_policy") or "truncate")
+    moments, cached = chain.fitting_moments(seqs, policy, progress)
+    dims = [lv.dim for lv in chain.family.levels]
+    baselines = Baselines.from_moments(moments, dims, dims[-1])
+    fit = BaselineFit(
+        source=source,
+        n_sequences=len(seqs),
+        n_residues=moments.n,
+        data_sha256=sequences_digest(seqs),
+        cached=cached,
+        seconds=time.perf_counter() - t0,
+    )
+    return baselines, fit

