@@ -86,23 +86,38 @@ def gpus_needed(
 
 
 def worker_grace_s(gpu: dict[str, Any] | None = None, ops: dict[str, Any] | None = None) -> dict:
-    """A worker's terminationGracePeriodSeconds: on SIGTERM it finishes its current turn, which
-    holds up to DRAIN_BATCHES token budgets of residues (16 × 16,384), then leaves.
+    """A worker's terminationGracePeriodSeconds: on SIGTERM it finishes its current turn, then
+    leaves. A turn drains queued tasks up to DRAIN_BATCHES token budgets of residues
+    (16 × 16,384), but a task is never split: one request of up to ``max_residues`` (2^20) is a
+    turn of its own, and the larger of the two bounds the turn.
 
-        turn_s = 16 · 16,384 · Σ_{l ∈ 8M…3B} 1/rate_l / (RD/raw per residue, worst)
+        R = max(16 · 16,384, max_residues)
+        turn_s = R · Σ_{l ∈ 8M…3B} 1/rate_l / (RD/raw per residue, worst)
         grace_s = ⌈(turn_s + exit_s) / 5⌉ · 5
 
     rate_l: bf16 residues/s of every measured ESM-2 level on an H100 (gpu.json; the largest
     supported chain, so any chain up to 3B is covered); exit_s: an idle worker's SIGTERM-to-exit
-    time (redis_ops.json). float32 is reported beside it (``float32_grace_s``)."""
+    time (redis_ops.json, the slowest of its stops). float32 is reported beside it
+    (``float32_grace_s``). Not covered: a read that brings several maximal requests at once (up
+    to 32 tasks a read), and the transfer of large per-residue results."""
+    from app.settings import Settings
+
     gpu = gpu or _load(GPU_JSON)
     ops = ops or _load(OPS_JSON)
-    residues = DRAIN_BATCHES * CUDA_TOKEN_BUDGET
+    drain = DRAIN_BATCHES * CUDA_TOKEN_BUDGET
+    max_request = Settings.model_fields["max_residues"].default
+    residues = max(drain, max_request)
     exit_s = ops["worker_exit_s"]["max"]
-    out: dict[str, Any] = {"turn_residues": residues, "exit_s": exit_s}
+    out: dict[str, Any] = {
+        "drain_residues": drain,
+        "max_request_residues": max_request,
+        "turn_residues": residues,
+        "exit_s": exit_s,
+    }
     for dtype, key in (("bf16", ""), ("fp32", "float32_")):
-        turn = residues * seconds_per_residue(gpu, list(DIMS), dtype, per_residue=True)
-        out[f"{key}turn_s"] = turn
+        per_residue = seconds_per_residue(gpu, list(DIMS), dtype, per_residue=True)
+        out[f"{key}drain_turn_s"] = drain * per_residue
+        out[f"{key}turn_s"] = turn = residues * per_residue
         out[f"{key}grace_s"] = 5 * math.ceil((turn + exit_s) / 5)
     return out
 
@@ -607,7 +622,8 @@ def ops_tables(ops: dict[str, Any]) -> str:
 def markdown(res: dict[str, Any]) -> str:
     g = res["grace"]
     lines = [
-        f"Worker grace: turn {g['turn_s']:.2f} s + exit {g['exit_s']:.2f} s → {g['grace_s']} s "
+        f"Worker grace: turn of {g['turn_residues']:,} residues {g['turn_s']:.2f} s (16 budgets "
+        f"alone {g['drain_turn_s']:.2f} s) + exit {g['exit_s']:.2f} s → {g['grace_s']} s "
         f"(float32: turn {g['float32_turn_s']:.1f} s → {g['float32_grace_s']} s)",
         "",
         "| k | levels | residues/s per H100 (bf16, pooled RD) | H100s for 1,000 req/s × 300 aa | half cached |",
