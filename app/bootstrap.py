@@ -208,41 +208,28 @@ def distributed_service(
     settings: Settings, artifact: Artifact, family_selection: str = "artifact"
 ) -> EmbeddingService:
     """API only: tasks over Redis Streams to `rdserve worker` processes; cache in Redis."""
-    import redis.asyncio as aioredis
-    from redis.asyncio.retry import Retry
-    from redis.backoff import NoBackoff
-
+    from app.transport.connect import async_client
     from app.transport.dispatcher import RedisDispatcher
 
     assert settings.redis_url
-    # Blocking pools: past max_connections concurrent requests a request waits for a free
-    # connection (redis-py's default pool raises MaxConnectionsError, which at ~100 concurrent
-    # requests turned cache lookups into misses and the fleet check into a false 503).
-    dispatch_client = aioredis.Redis.from_pool(  # from_pool: the client owns and closes the pool
-        aioredis.BlockingConnectionPool.from_url(
-            settings.redis_url,
-            max_connections=settings.redis_max_connections,
-            timeout=10,
-            socket_timeout=10,
-            socket_connect_timeout=2,  # an unreachable Redis answers 503 quickly, not in 10 s
-            health_check_interval=30,
-            # A pooled connection that a Redis restart closed fails once, then reconnects: a
-            # request must not get a false 503 for it.
-            retry=Retry(NoBackoff(), 1),
-            **settings.redis_auth(),
-        )
+    auth = settings.redis_auth()
+    dispatch_client = async_client(
+        settings.redis_url,
+        auth,
+        max_connections=settings.redis_max_connections,
+        wait_s=10,
+        timeout_s=10,
+        connect_timeout_s=2,  # an unreachable Redis answers 503 quickly, not in 10 s
+        health_check_s=30,
     )
     # The cache gets its own pool with short timeouts: a slow Redis must not stall requests.
-    cache_client = aioredis.Redis.from_pool(
-        aioredis.BlockingConnectionPool.from_url(
-            settings.cache_redis_url or settings.redis_url,
-            max_connections=settings.redis_max_connections,
-            timeout=1.0,
-            socket_timeout=1.0,
-            socket_connect_timeout=1.0,
-            retry=Retry(NoBackoff(), 1),
-            **settings.redis_auth(),
-        )
+    cache_client = async_client(
+        settings.cache_redis_url or settings.redis_url,
+        auth,
+        max_connections=settings.redis_max_connections,
+        wait_s=1.0,
+        timeout_s=1.0,
+        connect_timeout_s=1.0,
     )
     dispatcher = RedisDispatcher(
         dispatch_client,
@@ -250,6 +237,7 @@ def distributed_service(
         artifact.sha256,
         len(artifact.levels),
         settings.max_queue,
+        settings.redis_reply_ttl_s,
     )
     cache = RedisCache(
         cache_client,

@@ -183,6 +183,12 @@ class Settings(BaseSettings):
     redis_password_file: Path | None = Field(
         None, description="File with the Redis password of this process (both Redis URLs)."
     )
+    redis_reply_ttl_s: float = Field(
+        60.0,
+        gt=0,
+        description="An API process's reply stream outlives the process by at most this long "
+        "(it renews the TTL while it lives).",
+    )
     worker_id: str | None = Field(
         None,
         description="Worker name (default host-pid); each start adds a nonce to it, so a "

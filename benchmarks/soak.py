@@ -889,7 +889,7 @@ def soak(
                 "length": fleet.redis.xlen(k),
                 "pending": fleet.redis.xpending(k, GROUP)["pending"],
             }
-            for k in fleet.redis.scan_iter(match=f"{fleet.prefix}:tasks:*")
+            for k in fleet.redis.scan_iter(match=f"{fleet.prefix}:*:tasks")
         }
         started = [p for c in fleet.clusters.values() for p in c.started]
         info["log_errors"] = {

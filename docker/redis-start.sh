@@ -29,13 +29,15 @@ if [ -n "${REDIS_API_PASSWORD_FILE:-}" ]; then
     set -- "$@" --user rdserve-api reset on "#$(digest "$REDIS_API_PASSWORD_FILE")" \
         "~${prefix}:*" -@all +@connection -@dangerous +info \
         +scan +get +mget +set +del +expire +pexpire +hmget +hset \
-        +xadd +xlen +xrange +xdel +xread "+xinfo|groups" +evalsha +eval "+script|load"
+        +xadd +xlen +xrange +xdel +xread "+xinfo|groups" +evalsha +eval "+script|load" \
+        "+cluster|slots" "+cluster|shards" "+cluster|nodes"
 fi
 if [ -n "${REDIS_WORKER_PASSWORD_FILE:-}" ]; then
     set -- "$@" --user rdserve-worker reset on "#$(digest "$REDIS_WORKER_PASSWORD_FILE")" \
-        "~${prefix}:tasks:*" "~${prefix}:bulk:*" "~${prefix}:replies:*" "~${prefix}:worker:*" \
-        "~${prefix}:cancelled:*" \
+        "~${prefix}:{*}:tasks" "~${prefix}:{*}:bulk" "~${prefix}:{*}:worker:*" \
+        "~${prefix}:{*}:cancelled:*" "~${prefix}:replies:*" \
         -@all +@connection -@dangerous +exists +mget +set +del +expire \
+        "+cluster|slots" "+cluster|shards" "+cluster|nodes" \
         "+xgroup|create" "+xgroup|delconsumer" +xreadgroup +xautoclaim +xclaim \
         "+xinfo|consumers" +xpending +xack +xdel +xadd
 fi

@@ -140,3 +140,120 @@ class RedisServer:
         import redis
 
         return redis.Redis.from_url(self.url)
+
+
+def cluster_port() -> int:
+    """A free port for a cluster node whose bus port (port + 10000) is free too."""
+    while True:
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+
+
+class RedisClusterServers:
+    """A real Redis Cluster on free ports: ``masters`` masters, each with ``replicas`` replicas
+    (redis-server --cluster-enabled yes, joined by redis-cli --cluster create), no persistence;
+    a node can be killed (its replica is promoted after ``node_timeout_ms``)."""
+
+    def __init__(
+        self, log_dir: Path, masters: int = 3, replicas: int = 1, node_timeout_ms: int = 2000
+    ) -> None:
+        self.log_dir = log_dir
+        self.ports = [cluster_port() for _ in range(masters * (1 + replicas))]
+        self.replicas, self.node_timeout_ms = replicas, node_timeout_ms
+        self.procs: dict[int, subprocess.Popen] = {}
+
+    @property
+    def url(self) -> str:
+        """Any node's address: a cluster client finds the others."""
+        return f"redis://127.0.0.1:{self.ports[1]}/0"
+
+    def start(self) -> RedisClusterServers:
+        for port in self.ports:
+            d = self.log_dir / f"node-{port}"
+            d.mkdir(parents=True, exist_ok=True)
+            argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+            argv += ["--appendonly", "no", "--dir", str(d), "--cluster-enabled", "yes"]
+            argv += ["--cluster-config-file", "nodes.conf"]
+            argv += ["--cluster-node-timeout", str(self.node_timeout_ms)]
+            self.procs[port] = subprocess.Popen(
+                argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+            )
+        for port in self.ports:
+            self._wait_ping(port)
+        nodes = [f"127.0.0.1:{p}" for p in self.ports]
+        create = ["redis-cli", "--cluster", "create", *nodes, "--cluster-yes"]
+        subprocess.run(
+            [*create, "--cluster-replicas", str(self.replicas)],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        self.wait_ok()
+        return self
+
+    def _wait_ping(self, port: int) -> None:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2) as c:
+                    c.sendall(b"PING\r\n")
+                    if c.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError(f"cluster node {port} did not start")
+
+    def cluster_info(self, port: int) -> dict[str, str]:
+        out = subprocess.run(
+            ["redis-cli", "-p", str(port), "cluster", "info"], capture_output=True, text=True
+        ).stdout
+        return dict(ln.strip().split(":", 1) for ln in out.splitlines() if ":" in ln)
+
+    def wait_ok(self, timeout: float = 60) -> None:
+        """Until every live node says cluster_state:ok."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            live = [p for p, proc in self.procs.items() if proc.poll() is None]
+            if all(self.cluster_info(p).get("cluster_state") == "ok" for p in live):
+                return
+            time.sleep(0.2)
+        raise AssertionError("redis cluster not ok")
+
+    def masters(self) -> list[int]:
+        """Ports of the live nodes that are masters now."""
+        out = []
+        for port, proc in self.procs.items():
+            if proc.poll() is None:
+                role = subprocess.run(
+                    ["redis-cli", "-p", str(port), "role"], capture_output=True, text=True
+                ).stdout.split()
+                if role[:1] == ["master"]:
+                    out.append(port)
+        return out
+
+    def master_of(self, key: str) -> int:
+        """The port of the master that holds ``key``'s slot now."""
+        import redis
+
+        c = redis.RedisCluster(host="127.0.0.1", port=self.ports[0])
+        try:
+            return int(c.get_node_from_key(key).port)
+        finally:
+            c.close()
+
+    def kill(self, port: int) -> None:
+        self.procs[port].kill()
+        self.procs[port].wait(10)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(10)

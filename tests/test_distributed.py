@@ -367,7 +367,7 @@ def test_redis_queue_is_bounded_atomically(private_redis):
         r = aioredis.from_url(private_redis.url)
         # A live (but idle) worker heartbeat for this artifact, so jobs are accepted.
         await r.set(
-            worker_key(p, "idle"),
+            worker_key(p, "sha", "idle"),
             _json.dumps(
                 {
                     "id": "idle",
@@ -424,7 +424,7 @@ def test_a_reply_faster_than_the_enqueue_round_trip_is_delivered(private_redis):
     async def scenario() -> TaskResult:
         r = aioredis.from_url(private_redis.url)
         beat = {"id": "w", "artifact": "sha", "running": True, "loaded": [True], "ready": [True]}
-        await r.set(worker_key(p, "w"), _json.dumps(beat), ex=30)
+        await r.set(worker_key(p, "sha", "w"), _json.dumps(beat), ex=30)
         d = RedisDispatcher(r, p, "sha", 1, max_queue=10)
         enqueue = d._enqueue
 

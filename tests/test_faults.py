@@ -286,7 +286,7 @@ def test_two_live_workers_with_one_id_keep_their_own_heartbeats(cluster, redis_s
     first.signal(signal.SIGTERM)
     assert first.wait(30) == 0
     r = redis_server.client()
-    assert len(list(r.scan_iter(match=f"{PREFIX}:worker:w1/*"))) == 1
+    assert len(list(r.scan_iter(match=f"{PREFIX}:*:worker:w1/*"))) == 1
     time.sleep(1.1)  # the API's fleet view is at most a second old
     ready = httpx.get(f"{c.base}/health/ready", timeout=10).json()
     assert ready["workers"] == 1 and ready["status"] == "ready", ready
@@ -441,7 +441,7 @@ def test_no_false_no_worker_while_heartbeats_return_after_a_redis_restart(cluste
         redis_server.stop()
         redis_server.start()
         time.sleep(1.5)  # the API's fleet view (refreshed every second) shows an empty Redis
-        assert redis_server.client().keys(f"{PREFIX}:worker:*") == []
+        assert redis_server.client().keys(f"{PREFIX}:*:worker:*") == []
         ready = httpx.get(f"{c.base}/health/ready", timeout=10)
         assert ready.status_code == 200 and ready.json()["workers"] == 1, ready.text
         q = Request(c.base, {"input": "MKVLAAGGWW"}, timeout=60)
@@ -601,7 +601,7 @@ def test_sigterm_on_a_worker_finishes_its_batch(cluster, redis_server, tiny_arti
     assert "stopping after the current batch" in w.output()
     r = redis_server.client()
     assert r.xpending(tasks_key(PREFIX, sha), GROUP)["pending"] == 0
-    assert not r.keys(f"{PREFIX}:worker:w1/*")  # deregistered: nobody waits for it
+    assert not r.keys(f"{PREFIX}:*:worker:w1/*")  # deregistered: nobody waits for it
     assert r.xinfo_consumers(tasks_key(PREFIX, sha), GROUP) == []  # and left the group
 
 
@@ -776,7 +776,7 @@ def test_redis_roles_may_do_only_their_part(redis_server):
 
     api, worker = user("api"), user("worker")
     assert api.set(f"{PREFIX}:emb:k", 1) and api.delete(f"{PREFIX}:emb:k") == 1
-    assert worker.set(f"{PREFIX}:worker:w/1", 1, ex=5)
+    assert worker.set(f"{PREFIX}:{{0123456789ab}}:worker:w/1", 1, ex=5)
     for call in (
         lambda: api.set("elsewhere", 1),
         lambda: api.flushall(),

@@ -87,6 +87,7 @@ def serve(
     from app.http.app import create_app
     from app.http.server import bind
     from app.http.server import serve as serve_http
+    from app.transport.connect import redacted
 
     s = _settings(
         artifact=artifact,
@@ -115,7 +116,7 @@ def serve(
     err.print(
         f"serving {art.name} (family {art.family}: {selection}; max k = {art.max_dim}) on "
         f"http://{s.host}:{sock.getsockname()[1]} "
-        f"({'distributed via ' + s.redis_url if s.redis_url else 'embedded'})",
+        f"({'distributed via ' + redacted(s.redis_url) if s.redis_url else 'embedded'})",
         highlight=False,
         soft_wrap=True,
     )
@@ -144,10 +145,10 @@ def worker(
 ) -> None:
     """Run a worker: consume tasks from Redis, run the chain, reply (one per GPU; with
     --devices, one process per device, each restarted alone if it dies)."""
-    import redis
 
     from app.bootstrap import load_served_artifact, make_embedder, make_worker, resolve_family
     from app.http.worker_endpoint import WorkerEndpoint
+    from app.transport.connect import sync_client
     from app.transport.consumer import RedisTaskSource
     from app.transport.heartbeat import Heartbeat
     from app.transport.keys import default_worker_id, new_consumer
@@ -188,11 +189,17 @@ def worker(
         s, _ = resolve_family(s)
         art = load_served_artifact(s)
         embedder = make_embedder(s, art)
-        client = redis.Redis.from_url(
-            s.redis_url, socket_timeout=30, health_check_interval=30, **s.redis_auth()
+        client = sync_client(
+            s.redis_url, s.redis_auth(), socket_timeout=30, health_check_interval=30
         )
     source = RedisTaskSource(
-        client, s.redis_prefix, art.sha256, consumer, s.claim_idle_s, s.heartbeat_s
+        client,
+        s.redis_prefix,
+        art.sha256,
+        consumer,
+        s.claim_idle_s,
+        s.heartbeat_s,
+        s.redis_reply_ttl_s,
     )
     w = make_worker(embedder, source, s, consumer)
     if endpoint is not None:  # /metrics and a /health/live that fails when the loop stalls

@@ -122,7 +122,12 @@ class RedisCache:
     """
 
     def __init__(
-        self, client: aioredis.Redis, prefix: str, n_levels: int, dims: list[int], ttl_s: int
+        self,
+        client: aioredis.Redis | aioredis.RedisCluster,
+        prefix: str,
+        n_levels: int,
+        dims: list[int],
+        ttl_s: int,
     ) -> None:
         self.r = client  # with short socket timeouts: a slow cache must not stall requests
         self.prefix = f"{prefix}:emb:"

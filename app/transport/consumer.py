@@ -29,6 +29,7 @@ import redis
 from app import metrics as m
 from app.core.tasks import Task, TaskResult
 from app.core.worker import gather
+from app.transport.connect import SyncClient
 from app.transport.keys import (
     GROUP,
     REPLY_TTL_S,
@@ -65,21 +66,24 @@ class RedisTaskSource:
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: SyncClient,
         prefix: str,
         artifact_sha: str,
         consumer: str,
         claim_idle_s: float,
         dead_check_s: float = 2.0,
+        reply_ttl_s: float = REPLY_TTL_S,
     ) -> None:
         self.r = client
         self.prefix = prefix
+        self.artifact_sha = artifact_sha
         self.stream = tasks_key(prefix, artifact_sha)  # only this artifact's tasks
         self.bulk_stream = bulk_key(prefix, artifact_sha)
         self.streams = (self.stream, self.bulk_stream)
         self.consumer = consumer
         self.claim_idle_ms = int(claim_idle_s * 1000)
         self.dead_check_s = dead_check_s  # how often to look for consumers without a heartbeat
+        self.reply_ttl_s = max(1, int(reply_ttl_s))  # a reply stream nobody renews expires
         self._msg_ids: dict[str, tuple[str, bytes]] = {}  # task id → (stream, entry id)
         self._last_claim = 0.0
         self._last_dead_check = 0.0
@@ -135,7 +139,9 @@ class RedisTaskSource:
         msgs: list[Message] = []
         for c in self.r.xinfo_consumers(stream, GROUP):
             name = text(c["name"])
-            if name == self.consumer or self.r.exists(worker_key(self.prefix, name)):
+            if name == self.consumer or self.r.exists(
+                worker_key(self.prefix, self.artifact_sha, name)
+            ):
                 continue
             if not c["pending"]:
                 if c["idle"] > FORGET_CONSUMER_IDLE_MS:  # keep XINFO short on long-lived groups
@@ -234,7 +240,9 @@ class RedisTaskSource:
                 pipe = self.r.pipeline(transaction=False)
                 if task.reply_to:
                     pipe.xadd(task.reply_to, {"d": data}, maxlen=10_000, approximate=True)
-                    pipe.expire(task.reply_to, REPLY_TTL_S)
+                    # NX: the API renews its own stream's TTL; a late reply to a dead API's
+                    # stream must not keep it alive.
+                    pipe.expire(task.reply_to, self.reply_ttl_s, nx=True)
                 if entry is not None:
                     pipe.xack(entry[0], GROUP, entry[1])
                     pipe.xdel(entry[0], entry[1])
@@ -257,7 +265,7 @@ class RedisTaskSource:
         """Tasks whose API withdrew them (a cancellation mark exists): one round trip."""
         if not tasks:
             return set()
-        marks = self.r.mget([cancelled_key(self.prefix, t.id) for t in tasks])
+        marks = self.r.mget([cancelled_key(self.prefix, self.artifact_sha, t.id) for t in tasks])
         return {t.id for t, mark in zip(tasks, marks, strict=True) if mark is not None}
 
     def skip(self, task: Task) -> None:

@@ -25,8 +25,6 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
-
 from app import metrics as m
 from app.core.dispatch import (
     Drain,
@@ -37,8 +35,10 @@ from app.core.dispatch import (
     ReplyLostError,
 )
 from app.core.tasks import Task, TaskResult
+from app.transport.connect import AsyncClient, server_info
 from app.transport.keys import (
     GROUP,
+    REPLY_TTL_S,
     bulk_key,
     cancelled_key,
     new_reply_key,
@@ -89,7 +89,13 @@ class RedisDispatcher:
     mode = "distributed"
 
     def __init__(
-        self, client: aioredis.Redis, prefix: str, artifact_sha: str, n_levels: int, max_queue: int
+        self,
+        client: AsyncClient,
+        prefix: str,
+        artifact_sha: str,
+        n_levels: int,
+        max_queue: int,
+        reply_ttl_s: float = REPLY_TTL_S,
     ) -> None:
         self.r = client
         self.prefix = prefix
@@ -99,6 +105,7 @@ class RedisDispatcher:
         self.n_levels = n_levels
         self.max_queue = max_queue
         self.reply_key = new_reply_key(prefix)
+        self.reply_ttl_s = reply_ttl_s  # our reply stream outlives us by this much at most
         self._inflight: dict[str, _InFlight] = {}
         self._delivered: OrderedDict[str, None] = OrderedDict()  # recent ids: spot duplicates
         self._reader: asyncio.Task | None = None
@@ -114,6 +121,7 @@ class RedisDispatcher:
         self._enqueue = client.register_script(BOUNDED_XADD)
 
     async def start(self) -> None:
+        log.info("reply stream", extra={"key": self.reply_key})
         await self._warn_if_evicting()
         self._reader = asyncio.create_task(self._read_replies(), name="rdserve-replies")
 
@@ -132,7 +140,7 @@ class RedisDispatcher:
         """Say so at start when the queue Redis may evict keys: heartbeats and streams would
         vanish under memory pressure (false 503s, lost replies)."""
         try:
-            policy = (await self.r.info("memory")).get("maxmemory_policy", "")
+            policy = (await server_info(self.r, self.stream, "memory")).get("maxmemory_policy", "")
         except Exception:  # noqa: BLE001 — Redis not up yet: nothing to say
             return
         if str(policy).startswith(EVICTING):
@@ -145,10 +153,15 @@ class RedisDispatcher:
     # -- replies --------------------------------------------------------------------------------
     async def _read_replies(self) -> None:
         last = "0-0"
-        checked = 0.0
+        checked = renewed = 0.0
         handled = 0  # restarts whose lost tasks were queued again
         while True:
             try:
+                if time.monotonic() - renewed >= self.reply_ttl_s / 4:
+                    # Our reply stream lives while we do: a dead API's expires (with nothing
+                    # else of it; its tasks' marks expire with their deadlines).
+                    renewed = time.monotonic()
+                    await self.r.expire(self.reply_key, max(1, int(self.reply_ttl_s)))
                 if time.monotonic() - checked >= 1.0:
                     checked = time.monotonic()
                     # The fleet every second, requests or not: after a Redis restart the workers
@@ -191,7 +204,7 @@ class RedisDispatcher:
     async def _check_server(self) -> None:
         """Notice a different Redis server than before (restart or failover: its run_id
         changed), whose streams without persistence, our queued tasks among them, are gone."""
-        run_id = (await self.r.info("server"))["run_id"]
+        run_id = (await server_info(self.r, self.stream, "server"))["run_id"]
         if self._run_id is not None and run_id != self._run_id:
             self._restarts += 1
             # Heartbeat keys are gone until each worker's next beat: the workers just seen stay
@@ -274,7 +287,10 @@ class RedisDispatcher:
         try:
             await self._check_server()  # before the heartbeats: a restart shows none
             keys = [
-                k async for k in self.r.scan_iter(match=worker_key(self.prefix, "*"), count=100)
+                k
+                async for k in self.r.scan_iter(
+                    match=worker_key(self.prefix, self.artifact_sha, "*"), count=100
+                )
             ]
             beats = await self.r.mget(keys) if keys else []
         except Exception as e:  # noqa: BLE001
@@ -371,7 +387,7 @@ class RedisDispatcher:
         ttl = max(1, int(flight.task.deadline - time.time()) + 1)
         pipe = self.r.pipeline(transaction=False)
         pipe.xdel(flight.stream, flight.entry)
-        pipe.set(cancelled_key(self.prefix, flight.task.id), 1, ex=ttl)
+        pipe.set(cancelled_key(self.prefix, self.artifact_sha, flight.task.id), 1, ex=ttl)
         await pipe.execute()
 
     async def _wait(self, flight: _InFlight, deadline: float) -> TaskResult:

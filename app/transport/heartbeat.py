@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from app.transport.connect import SyncClient
 from app.transport.keys import worker_id_of, worker_key
 
 if TYPE_CHECKING:
@@ -30,7 +31,7 @@ class Heartbeat:
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: SyncClient,
         prefix: str,
         consumer: str,
         state: WorkerState,
@@ -39,7 +40,7 @@ class Heartbeat:
         period_s: float,
     ) -> None:
         self.r, self.state, self.period = client, state, period_s
-        self.key = worker_key(prefix, consumer)
+        self.key = worker_key(prefix, artifact_sha, consumer)
         self.base = {
             "id": worker_id_of(consumer),
             "consumer": consumer,

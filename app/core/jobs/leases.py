@@ -47,7 +47,9 @@ class Leases(Protocol):
 class RedisLeases:
     """Leases in Redis with a time to live; renewed well before it ends."""
 
-    def __init__(self, client: aioredis.Redis, prefix: str, holder: str, ttl_s: float) -> None:
+    def __init__(
+        self, client: aioredis.Redis | aioredis.RedisCluster, prefix: str, holder: str, ttl_s: float
+    ) -> None:
         self.r, self.prefix, self.holder = client, prefix, holder
         self.ttl_ms = int(ttl_s * 1000)
         self._renew = client.register_script(RENEW)

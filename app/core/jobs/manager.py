@@ -79,10 +79,15 @@ class JobManager:
         holder = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         leases: Leases
         if s.redis_url:
-            import redis.asyncio as aioredis
+            from app.transport.connect import async_client
 
-            client = aioredis.Redis.from_url(
-                s.redis_url, socket_timeout=5, socket_connect_timeout=2, **s.redis_auth()
+            client = async_client(
+                s.redis_url,
+                s.redis_auth(),
+                max_connections=8,
+                wait_s=5,
+                timeout_s=5,
+                connect_timeout_s=2,
             )
             leases = RedisLeases(client, s.redis_prefix, holder, s.job_lease_s)
             manager = cls(service, store, leases)
