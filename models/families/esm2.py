@@ -112,7 +112,7 @@ class EsmPackedBatch:
 
     input_ids: torch.Tensor  # (1, T) int64
     position_ids: torch.Tensor  # (1, T) int64: position within each sequence (<cls> is 0)
-    cu_seqlens: torch.Tensor  # (S + pieces + 1,) int64: where each sequence starts; T last
+    cu_seqlens: torch.Tensor  # (S + pieces + 1,) int32 (the flash kernel's): starts; T last
     max_len: int  # bound on any sequence's tokens (a constant per T: no recompiles)
     residue_index: torch.Tensor  # (Σ lengths,) int64: positions of the residues in the row
     bos_index: torch.Tensor  # (S,) int64: positions of each <cls>
@@ -277,7 +277,7 @@ class ESM2Family(ModelFamily, spec=FAMILY_SPECS["esm2"]):
         return EsmPackedBatch(
             input_ids=torch.from_numpy(ids).unsqueeze(0),
             position_ids=torch.from_numpy(positions).unsqueeze(0),
-            cu_seqlens=torch.from_numpy(cu),
+            cu_seqlens=torch.from_numpy(cu.astype(np.int32)),
             max_len=int(max_len),
             residue_index=torch.from_numpy(residue_index),
             bos_index=torch.from_numpy(starts),
