@@ -359,7 +359,7 @@ def test_redis_queue_is_bounded_atomically(private_redis):
 
     from app.core.dispatch import QueueFullError
     from app.transport.dispatcher import RedisDispatcher
-    from app.transport.keys import worker_key
+    from app.transport.keys import worker_key, workers_key
 
     p = f"rdserve-test-{uuid.uuid4().hex[:8]}"
 
@@ -380,6 +380,7 @@ def test_redis_queue_is_bounded_atomically(private_redis):
             ),
             ex=30,
         )
+        await r.sadd(workers_key(p, "sha"), "idle")  # the registry the API reads
         d = RedisDispatcher(r, p, "sha", 1, max_queue=2)
         await d.start()
         jobs = [
@@ -416,7 +417,7 @@ def test_a_reply_faster_than_the_enqueue_round_trip_is_delivered(private_redis):
     import redis.asyncio as aioredis
 
     from app.transport.dispatcher import RedisDispatcher
-    from app.transport.keys import worker_key
+    from app.transport.keys import worker_key, workers_key
     from app.transport.wire import result_to_wire
 
     p = f"rdserve-test-{uuid.uuid4().hex[:8]}"
@@ -425,6 +426,7 @@ def test_a_reply_faster_than_the_enqueue_round_trip_is_delivered(private_redis):
         r = aioredis.from_url(private_redis.url)
         beat = {"id": "w", "artifact": "sha", "running": True, "loaded": [True], "ready": [True]}
         await r.set(worker_key(p, "sha", "w"), _json.dumps(beat), ex=30)
+        await r.sadd(workers_key(p, "sha"), "w")
         d = RedisDispatcher(r, p, "sha", 1, max_queue=10)
         enqueue = d._enqueue
 

@@ -35,6 +35,7 @@ from app.transport.keys import (
     REPLY_TTL_S,
     bulk_key,
     cancelled_key,
+    deadcheck_key,
     tasks_key,
     text,
     worker_key,
@@ -114,8 +115,13 @@ class RedisTaskSource:
         msgs: list[Message] = []
         if now - self._last_dead_check >= self.dead_check_s:
             self._last_dead_check = now
-            for stream in self.streams:
-                msgs += self._claim_from_dead(stream)
+            # One worker of the fleet per interval looks (a short lock): N workers cost N
+            # checks an interval, not N², and a dead worker's tasks are still taken within it.
+            lock = deadcheck_key(self.prefix, self.artifact_sha)
+            ttl_ms = max(100, int(self.dead_check_s * 1000))
+            if self.r.set(lock, self.consumer, nx=True, px=ttl_ms):
+                for stream in self.streams:
+                    msgs += self._claim_from_dead(stream)
         if not msgs and now - self._last_claim >= self.claim_idle_ms / 4000:
             self._last_claim = now
             for stream in self.streams:
@@ -135,17 +141,27 @@ class RedisTaskSource:
         return msgs
 
     def _claim_from_dead(self, stream: str) -> list[Message]:
-        """Tasks pending at consumers whose heartbeat expired: their worker is gone."""
+        """Tasks pending at consumers whose heartbeat expired: their worker is gone. Liveness of
+        every consumer that matters (tasks pending, or idle long enough to forget) in one MGET
+        of their heartbeats (one hash slot)."""
         msgs: list[Message] = []
-        for c in self.r.xinfo_consumers(stream, GROUP):
-            name = text(c["name"])
-            if name == self.consumer or self.r.exists(
-                worker_key(self.prefix, self.artifact_sha, name)
-            ):
+        others = [
+            c
+            for c in self.r.xinfo_consumers(stream, GROUP)
+            if text(c["name"]) != self.consumer
+            and (c["pending"] or c["idle"] > FORGET_CONSUMER_IDLE_MS)
+        ]
+        if not others:
+            return msgs
+        beats = self.r.mget(
+            [worker_key(self.prefix, self.artifact_sha, text(c["name"])) for c in others]
+        )
+        for c, beat in zip(others, beats, strict=True):
+            if beat is not None:
                 continue
-            if not c["pending"]:
-                if c["idle"] > FORGET_CONSUMER_IDLE_MS:  # keep XINFO short on long-lived groups
-                    self.r.xgroup_delconsumer(stream, GROUP, name)
+            name = text(c["name"])
+            if not c["pending"]:  # keep XINFO short on long-lived groups
+                self.r.xgroup_delconsumer(stream, GROUP, name)
                 continue
             pending = self.r.xpending_range(stream, GROUP, "-", "+", READ_COUNT, consumername=name)
             ids = [p["message_id"] for p in pending]

@@ -45,6 +45,7 @@ from app.transport.keys import (
     tasks_key,
     text,
     worker_key,
+    workers_key,
 )
 from app.transport.wire import result_from_wire, task_to_wire
 
@@ -286,13 +287,15 @@ class RedisDispatcher:
         now = time.monotonic()
         try:
             await self._check_server()  # before the heartbeats: a restart shows none
-            keys = [
-                k
-                async for k in self.r.scan_iter(
-                    match=worker_key(self.prefix, self.artifact_sha, "*"), count=100
-                )
-            ]
+            # The artifact's registry of consumers, then their heartbeats: one slot, no SCAN
+            # of the keyspace (which the cache may fill with millions of keys).
+            registry = workers_key(self.prefix, self.artifact_sha)
+            consumers = sorted(text(c) for c in await self.r.smembers(registry))
+            keys = [worker_key(self.prefix, self.artifact_sha, c) for c in consumers]
             beats = await self.r.mget(keys) if keys else []
+            gone = [c for c, b in zip(consumers, beats, strict=True) if b is None]
+            if gone:  # a worker that beats again is added again
+                await self.r.srem(registry, *gone)
         except Exception as e:  # noqa: BLE001
             n = self.n_levels
             st = FleetStatus(0, [False] * n, [False] * n, f"redis unavailable: {e}", queue_ok=False)

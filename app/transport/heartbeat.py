@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from app.transport.connect import SyncClient
-from app.transport.keys import worker_id_of, worker_key
+from app.transport.keys import worker_id_of, worker_key, workers_key
 
 if TYPE_CHECKING:
     from app.core.worker import WorkerState
@@ -41,6 +41,8 @@ class Heartbeat:
     ) -> None:
         self.r, self.state, self.period = client, state, period_s
         self.key = worker_key(prefix, artifact_sha, consumer)
+        self.registry = workers_key(prefix, artifact_sha)
+        self.consumer = consumer
         self.base = {
             "id": worker_id_of(consumer),
             "consumer": consumer,
@@ -64,7 +66,12 @@ class Heartbeat:
         }
 
     def beat(self) -> None:
-        self.r.set(self.key, json.dumps(self.payload()), ex=max(1, math.ceil(3 * self.period)))
+        """The heartbeat, and this consumer in the artifact's registry (again after a Redis
+        restart lost it): one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.set(self.key, json.dumps(self.payload()), ex=max(1, math.ceil(3 * self.period)))
+        pipe.sadd(self.registry, self.consumer)
+        pipe.execute()
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -84,3 +91,4 @@ class Heartbeat:
         self._thread.join(5)
         with contextlib.suppress(redis.RedisError):
             self.r.delete(self.key)
+            self.r.srem(self.registry, self.consumer)

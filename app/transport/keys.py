@@ -15,6 +15,9 @@ several of them (XREADGROUP over both streams, MGET of marks and heartbeats) wor
 <p>:{<sha12>}:cancelled:<task> "withdrawn" mark of a task whose request gave up (expires with the
                                task's deadline): a worker already holding the task skips the rest
 <p>:{<sha12>}:worker:<consumer> heartbeat JSON of one worker process (expires after 3 missed beats)
+<p>:{<sha12>}:workers          set of the artifact's worker consumers (each beat adds its own):
+                               where heartbeats are found without a SCAN of the keyspace
+<p>:{<sha12>}:deadcheck        short lock: one worker of the fleet per interval looks for dead ones
 <p>:replies:<api>              stream of packed TaskResults for one API process (its TTL is
                                renewed while the process lives: a dead one's expires)
 <p>:joblease:<job>             which API process drives a bulk job (``app.core.jobs.leases``)
@@ -66,6 +69,15 @@ def cancelled_key(prefix: str, artifact_sha: str, task_id: str) -> str:
 def worker_key(prefix: str, artifact_sha: str, consumer: str) -> str:
     """The heartbeat of one worker process of an artifact (``consumer`` "*": a SCAN pattern)."""
     return f"{prefix}:{artifact_tag(artifact_sha)}:worker:{consumer}"
+
+
+def workers_key(prefix: str, artifact_sha: str) -> str:
+    """The registry of an artifact's worker consumers (a set; liveness is their heartbeats)."""
+    return f"{prefix}:{artifact_tag(artifact_sha)}:workers"
+
+
+def deadcheck_key(prefix: str, artifact_sha: str) -> str:
+    return f"{prefix}:{artifact_tag(artifact_sha)}:deadcheck"
 
 
 def new_reply_key(prefix: str) -> str:
