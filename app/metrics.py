@@ -1,4 +1,5 @@
-"""Prometheus metrics (prefix ``rdserve_``, base units). One registry per process.
+"""Prometheus metrics (prefix ``rdserve_``, base units). One registry per process. Mostly
+declarations, one per metric, hence the length.
 
 Shared by every room (the HTTP gate, the service, the worker loop and the Redis transport all
 count here), so it sits beside the settings rather than inside one room; ``/metrics`` itself is

@@ -1,4 +1,5 @@
-"""All service settings in one class; each field is also an ``RDSERVE_<NAME>`` variable."""
+"""All service settings in one class; each field is also an ``RDSERVE_<NAME>`` variable (one
+documented field per setting, so the module is as long as the list of settings)."""
 
 from __future__ import annotations
 

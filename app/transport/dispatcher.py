@@ -1,12 +1,11 @@
-"""API side of distributed mode: queue tasks on the artifact's stream, resolve replies by task
-id, and watch the fleet's heartbeats.
+"""API side of distributed mode: queue tasks on the artifact's streams, resolve replies by task
+id (the fleet's heartbeats are read by ``app.transport.fleet``). Longer than most modules: a
+request's path and every way it can fail (below) belong together.
 
 Failures, and what recovers from them:
   * two workers computed the same task: the first reply is delivered, the other discarded;
   * Redis restarts and loses the streams (no persistence): the API notices the new server
-    (its run_id) and queues its in-flight tasks again; the workers it saw just before count as
-    alive until their heartbeats would have expired (they come back within one beat), so the
-    empty heartbeat set of a fresh Redis does not turn into false ``503 no_worker``;
+    (its run_id, ``app.transport.fleet``) and queues its in-flight tasks again;
   * Redis is unreachable: new requests get 503 (queue_unavailable), in-flight ones 503 once no
     worker has been seen for a few seconds; everything reconnects on its own;
   * a result never arrives although its task is gone from the stream (Redis refused or lost the
@@ -19,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections import OrderedDict
@@ -36,6 +34,7 @@ from app.core.dispatch import (
 )
 from app.core.tasks import Task, TaskResult
 from app.transport.connect import AsyncClient, server_info
+from app.transport.fleet import FleetView
 from app.transport.keys import (
     GROUP,
     REPLY_TTL_S,
@@ -44,8 +43,6 @@ from app.transport.keys import (
     new_reply_key,
     tasks_key,
     text,
-    worker_key,
-    workers_key,
 )
 from app.transport.wire import result_from_wire, task_to_wire
 
@@ -65,8 +62,6 @@ NO_WORKER_GRACE_S = 5.0
 #: A request waiting this long has its task entry checked: gone with no reply (at two checks a
 #: second apart, the reply reader running in between) means its result was lost.
 LOST_CHECK_AFTER_S = 2.0
-#: Heartbeat period assumed for a heartbeat that does not say (older workers).
-DEFAULT_PERIOD_S = 2.0
 #: Eviction policies that can drop heartbeats, task streams and reply streams.
 EVICTING = ("allkeys-", "volatile-")
 
@@ -110,14 +105,8 @@ class RedisDispatcher:
         self._inflight: dict[str, _InFlight] = {}
         self._delivered: OrderedDict[str, None] = OrderedDict()  # recent ids: spot duplicates
         self._reader: asyncio.Task | None = None
-        self._status: tuple[float, FleetStatus] | None = None
         self._depth = 0
-        self._run_id: str | None = None  # identity of the Redis server our tasks are queued in
-        self._restarts = 0  # Redis restarts (run_id changes) seen
-        # Workers seen running: consumer → (heartbeat, when it would expire unrenewed; monotonic).
-        self._seen: dict[str, tuple[dict, float]] = {}
-        # After a Redis restart, those workers count until then (their heartbeats come back).
-        self._presumed: dict[str, tuple[dict, float]] = {}
+        self.fleet = FleetView(client, prefix, artifact_sha, n_levels, self.stream)
         self._drain = Drain()
         self._enqueue = client.register_script(BOUNDED_XADD)
 
@@ -167,9 +156,9 @@ class RedisDispatcher:
                     checked = time.monotonic()
                     # The fleet every second, requests or not: after a Redis restart the workers
                     # seen just before are known (and the restart itself, from the run_id).
-                    await self._refresh_status()
-                    if self._restarts != handled:
-                        handled = self._restarts
+                    await self.fleet.refresh(len(self._inflight))
+                    if self.fleet.restarts != handled:
+                        handled = self.fleet.restarts
                         last = "0-0"  # the reply stream was recreated
                         await self._requeue_lost()
                     else:
@@ -201,21 +190,6 @@ class RedisDispatcher:
         self._delivered[res.id] = None
         if len(self._delivered) > 10_000:
             self._delivered.popitem(last=False)
-
-    async def _check_server(self) -> None:
-        """Notice a different Redis server than before (restart or failover: its run_id
-        changed), whose streams without persistence, our queued tasks among them, are gone."""
-        run_id = (await server_info(self.r, self.stream, "server"))["run_id"]
-        if self._run_id is not None and run_id != self._run_id:
-            self._restarts += 1
-            # Heartbeat keys are gone until each worker's next beat: the workers just seen stay
-            # counted until their heartbeats would have expired.
-            self._presumed = dict(self._seen)
-            self._status = None
-            log.warning(
-                "redis restarted; checking in-flight tasks", extra={"tasks": len(self._inflight)}
-            )
-        self._run_id = run_id
 
     async def _requeue_lost(self) -> None:
         """Queue again every in-flight task whose stream entry no longer exists."""
@@ -278,59 +252,8 @@ class RedisDispatcher:
         return self._depth
 
     async def status(self) -> FleetStatus:
-        """Aggregate live heartbeats of workers serving this artifact (cached for 1 s)."""
-        if self._status is not None and time.monotonic() - self._status[0] < 1.0:
-            return self._status[1]
-        return await self._refresh_status()
-
-    async def _refresh_status(self) -> FleetStatus:
-        now = time.monotonic()
-        try:
-            await self._check_server()  # before the heartbeats: a restart shows none
-            # The artifact's registry of consumers, then their heartbeats: one slot, no SCAN
-            # of the keyspace (which the cache may fill with millions of keys).
-            registry = workers_key(self.prefix, self.artifact_sha)
-            consumers = sorted(text(c) for c in await self.r.smembers(registry))
-            keys = [worker_key(self.prefix, self.artifact_sha, c) for c in consumers]
-            beats = await self.r.mget(keys) if keys else []
-            gone = [c for c, b in zip(consumers, beats, strict=True) if b is None]
-            if gone:  # a worker that beats again is added again
-                await self.r.srem(registry, *gone)
-        except Exception as e:  # noqa: BLE001
-            n = self.n_levels
-            st = FleetStatus(0, [False] * n, [False] * n, f"redis unavailable: {e}", queue_ok=False)
-            self._status = (now, st)
-            m.WORKERS_LIVE.set(0)
-            return st
-        beats = [json.loads(raw) for raw in beats if raw is not None]
-        mine = [hb for hb in beats if hb.get("artifact") == self.artifact_sha]
-        seen: dict[str, tuple[dict, float]] = {}
-        for hb in mine:
-            if hb.get("running"):
-                ttl = 3 * float(hb.get("period_s", DEFAULT_PERIOD_S))
-                seen[hb.get("consumer", hb["id"])] = (hb, now + ttl)
-        # Sightings are kept until they expire (not replaced): a refresh that raced a restart
-        # and found the new, empty Redis must not erase what the restart check snapshots.
-        self._seen = {c: v for c, v in self._seen.items() if v[1] > now} | seen
-        self._presumed = {c: v for c, v in self._presumed.items() if v[1] > now and c not in seen}
-        st = self._aggregate(
-            [hb for hb, _ in seen.values()] + [hb for hb, _ in self._presumed.values()], mine
-        )
-        m.WORKERS_LIVE.set(st.workers)
-        self._status = (now, st)
-        return st
-
-    def _aggregate(self, running: list[dict], mine: list[dict]) -> FleetStatus:
-        """Readiness of the running workers; errors and loading ones among all heartbeats of
-        this artifact's workers."""
-        loaded = [False] * self.n_levels
-        ready = [False] * self.n_levels
-        for hb in running:
-            loaded = [a or b for a, b in zip(loaded, hb["loaded"], strict=True)]
-            ready = [a or b for a, b in zip(ready, hb["ready"], strict=True)]
-        errors = [f"{hb['id']}: {hb['error']}" for hb in mine if hb.get("error")]
-        starting = sum(1 for hb in mine if not hb.get("running") and not hb.get("error"))
-        return FleetStatus(len(running), loaded, ready, "; ".join(errors) or None, True, starting)
+        """Readiness of the workers serving this artifact (cached for 1 s)."""
+        return await self.fleet.status()
 
     # -- tasks ----------------------------------------------------------------------------------
     async def submit(self, task: Task, timeout_s: float) -> TaskResult:

@@ -4,7 +4,7 @@ delete ended jobs past their retention.
 
 Every API process runs the same loop over the store's ``_active`` folder; a lease decides which
 one drives each job, so any replica answers for any job, and a job outlives the process that
-accepted it.
+accepted it. (A job's whole life as the API sees it is here, hence the length.)
 """
 
 from __future__ import annotations
