@@ -43,12 +43,12 @@ def resolve_family(settings: Settings) -> tuple[Settings, str]:
     A family whose weights are local is probed without the network; an unreachable hub turns
     huggingface_hub's offline mode on, so nothing later spends a minute retrying it.
     """
+    if settings.artifact is not None:  # before importing the families: they import torch,
+        return settings, "artifact (RDSERVE_ARTIFACT)"  # which a distributed API never needs
     from models.families import family_class
 
     explicit = {"family", "models", "artifact"} & settings.model_fields_set
     cls = family_class(settings.family)
-    if settings.artifact is not None:
-        return settings, "artifact (RDSERVE_ARTIFACT)"
     why = cls.unavailable(cls.resolve_levels(settings.default_chain, settings.revision))
     if explicit:
         if why:

@@ -7,6 +7,7 @@ CA); ACL credentials come in the URL (``rediss://user:password@host``) or from t
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Any
@@ -38,11 +39,19 @@ def redacted(url: str) -> str:
 
 
 def is_cluster(url: str, auth: dict[str, str], wait_s: float = DETECT_S) -> bool:
+    """Whether the server at ``url`` runs in cluster mode (asked once per process and URL)."""
+    return _is_cluster(url, tuple(sorted(auth.items())), wait_s)
+
+
+@functools.lru_cache(maxsize=16)
+def _is_cluster(url: str, auth_items: tuple[tuple[str, str], ...], wait_s: float) -> bool:
     """Whether the server at ``url`` runs in cluster mode: it answers CLUSTER SLOTS (what a
     cluster client asks first anyway; a standalone server refuses it). A server that cannot be
     reached within ``wait_s`` is taken for a standalone one (said in the log)."""
     deadline = time.monotonic() + wait_s
-    probe = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2, **auth)
+    probe = redis.Redis.from_url(
+        url, socket_connect_timeout=1, socket_timeout=2, **dict(auth_items)
+    )
     try:
         while True:
             try:
