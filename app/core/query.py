@@ -74,18 +74,7 @@ def check_query(
     for i, id_ in enumerate(q.ids or ()):
         if (why := member_name_problem(id_)) is not None:
             raise APIError(400, f"ids[{i}]: {why}", param=f"ids[{i}]", code="invalid_id")
-    k = q.dimensions if q.dimensions is not None else artifact.max_dim
-    if not 1 <= k <= artifact.max_dim:
-        raise APIError(
-            400,
-            f"dimensions must be between 1 and {artifact.max_dim}, got {k}",
-            param="dimensions",
-            code="invalid_dimensions",
-        )
-    try:
-        family.check_pooling(q.pooling)
-    except ValueError as e:
-        raise APIError(400, str(e), param="pooling", code="unsupported_pooling") from None
+    k = check_options(q.dimensions, q.pooling, artifact, family)
     seqs, handling = [], []
     total = 0
     for i, r in enumerate(raw):
@@ -113,6 +102,26 @@ def check_query(
         )
     check_output_size(q, seqs, handling, k, artifact, family, s)
     return seqs, handling, k
+
+
+def check_options(
+    dimensions: int | None, pooling: Pooling, artifact: Artifact, family: FamilySpec
+) -> int:
+    """k (the artifact's full dim by default), checked, and the pooling the family supports;
+    APIError 400 naming the field otherwise (requests and bulk jobs alike)."""
+    k = dimensions if dimensions is not None else artifact.max_dim
+    if not 1 <= k <= artifact.max_dim:
+        raise APIError(
+            400,
+            f"dimensions must be between 1 and {artifact.max_dim}, got {k}",
+            param="dimensions",
+            code="invalid_dimensions",
+        )
+    try:
+        family.check_pooling(pooling)
+    except ValueError as e:
+        raise APIError(400, str(e), param="pooling", code="unsupported_pooling") from None
+    return k
 
 
 def check_output_size(

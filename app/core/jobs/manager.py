@@ -26,6 +26,7 @@ from app.core.jobs.leases import Leases, LocalLeases, RedisLeases
 from app.core.jobs.model import JobOptions, JobSpec, JobState, JobStatus, new_job_id
 from app.core.jobs.results import FORMATS
 from app.core.jobs.runner import JobContext, JobRunner, JobStopped
+from app.core.query import check_options
 from app.core.service import EmbeddingService
 from app.core.store import ResultStore
 from models.sequences import Pooling
@@ -112,23 +113,6 @@ class JobManager:
                 await close()
 
     # -- create ---------------------------------------------------------------------------------
-    def _check(self, opt: JobOptions) -> int:
-        """k for these options; 400 before any byte is read when an option is invalid."""
-        art = self.service.artifact
-        k = opt.dimensions if opt.dimensions is not None else art.max_dim
-        if not 1 <= k <= art.max_dim:
-            raise APIError(
-                400,
-                f"dimensions must be between 1 and {art.max_dim}, got {k}",
-                param="dimensions",
-                code="invalid_dimensions",
-            )
-        try:
-            self.service.family.check_pooling(opt.pooling)
-        except ValueError as e:
-            raise APIError(400, str(e), param="pooling", code="unsupported_pooling") from None
-        return k
-
     def _limits(self, opt: JobOptions, k: int) -> IntakeLimits:
         s, art = self.settings, self.service.artifact
         residues = min(s.job_chunk_residues, s.max_residues)
@@ -177,7 +161,8 @@ class JobManager:
     async def _create(
         self, owner: str, opt: JobOptions, fill: Callable[[Intake], Awaitable[None]], fasta: bool
     ) -> JobView:
-        k = self._check(opt)
+        # 400 before any byte of the body is read when an option is invalid.
+        k = check_options(opt.dimensions, opt.pooling, self.service.artifact, self.service.family)
         art = self.service.artifact
         job_id = new_job_id()
         job_dir = f"{owner}/{job_id}"
