@@ -20,10 +20,11 @@ from urllib.parse import urlsplit
 import orjson
 
 
-def encode_post(url: str, body: dict, headers: dict[str, str] | None = None) -> bytes:
-    """A keep-alive POST request for ``url`` with a JSON body (and extra headers), as bytes."""
+def encode_post(url: str, body: dict | bytes, headers: dict[str, str] | None = None) -> bytes:
+    """A keep-alive POST request for ``url`` with a JSON body (a dict, or JSON text as bytes:
+    text orjson cannot write, such as lone surrogates) and extra headers, as bytes."""
     u = urlsplit(url)
-    data = orjson.dumps(body)
+    data = body if isinstance(body, bytes) else orjson.dumps(body)
     extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
     head = (
         f"POST {u.path} HTTP/1.1\r\nHost: {u.hostname}:{u.port}\r\n{extra}"

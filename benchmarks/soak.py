@@ -20,6 +20,7 @@ import asyncio
 import base64
 import contextlib
 import io
+import json
 import os
 import random
 import signal
@@ -139,6 +140,7 @@ class Req:
     code: str | None = None  # expected error.code (None: not checked)
     message: str | None = None  # expected part of error.message (None: not checked)
     npy: bool = False  # sent with Accept: application/x-npy
+    raw: bytes | None = None  # the body as sent, when ``body`` cannot be (it is then a display)
 
 
 def _messy(rng: random.Random, seq: str) -> str:
@@ -264,6 +266,31 @@ def unknown_field(rng: random.Random, pool: Pool) -> Req:
     )
 
 
+#: Ids that cannot name a result: lone surrogates (valid JSON, not UTF-8) and paths.
+HOSTILE_IDS = ("\ud800", "a\udfffb", "../x", "/abs", "a//b", "x\\y", ".")
+
+
+def hostile_id(rng: random.Random, pool: Pool) -> Req:
+    """One id that is no name (issue 13 items 4 and 10): 400 naming exactly ids[i], no 5xx."""
+    items = pool.draw(rng, "mean", rng.randint(1, 4))
+    ids = [f"id{j}" for j in range(len(items))]
+    i = rng.randrange(len(ids))
+    ids[i] = rng.choice(HOSTILE_IDS)
+    body = {"input": [pool.seqs[j] for j in items], "ids": ids, "dimensions": pool.art.max_dim}
+    raw = json.dumps(body).encode()  # escapes a lone surrogate as \ud800: valid JSON
+    shown = {**body, "ids": [ascii(x) for x in ids]}
+    return Req("hostile_id", shown, status=400, param=f"ids[{i}]", code="invalid_id", raw=raw)
+
+
+def loose_type(rng: random.Random, pool: Pool) -> Req:
+    """A number or flag of the wrong JSON type ("32", true, 32.0, "true"): 400, never coerced."""
+    field, value = rng.choice(
+        [("dimensions", "32"), ("dimensions", True), ("dimensions", 32.0), ("normalize", "true")]
+    )
+    body = {"input": [pool.seqs[i] for i in pool.draw(rng, "mean", 2)], field: value}
+    return Req("loose_type", body, status=400, param=field)
+
+
 #: kind → (relative weight, request builder)
 KINDS: dict[str, tuple[float, Callable[[random.Random, Pool], Req]]] = {
     "mean": (22, mean),
@@ -277,6 +304,8 @@ KINDS: dict[str, tuple[float, Callable[[random.Random, Pool], Req]]] = {
     "bad_dimensions": (4, bad_dimensions),
     "empty_input": (3, empty_input),
     "unknown_field": (5, unknown_field),
+    "hostile_id": (3, hostile_id),
+    "loose_type": (3, loose_type),
 }
 
 
@@ -538,7 +567,7 @@ async def client(idx: int, target: Target, stats: Stats, deadline: float, seed: 
         rid = f"soak-{idx}-{n}"  # echoed in X-Request-ID: ties each response to its request
         n += 1
         headers = {"X-Request-ID": rid, **({"Accept": NPY} if req.npy else {})}
-        wire = loadgen.encode_post(url, req.body, headers)
+        wire = loadgen.encode_post(url, req.raw or req.body, headers)
         t0 = time.perf_counter()
         try:
             if conn is None:
