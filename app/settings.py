@@ -55,8 +55,9 @@ class Settings(BaseSettings):
     threads: int | None = Field(
         None,
         ge=1,
-        description="CPU threads of model forwards (default: the cores this process may use, "
-        "from its affinity and cgroup quota; 1 on a host shared with other busy processes).",
+        description="CPU threads of model forwards (default: OMP_NUM_THREADS if set, else the "
+        "cores this process may use, from its affinity and cgroup quota; 1 on a host shared "
+        "with other busy processes).",
     )
     dtype: str = Field(
         "auto", description="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16."

@@ -92,13 +92,15 @@ def _cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> int | None:
 
 
 def set_threads(threads: int | None) -> int:
-    """Set torch's intra-op threads (None: :func:`available_cpus`); returns the number set.
+    """Set torch's intra-op threads (None: ``OMP_NUM_THREADS`` when set, else
+    :func:`available_cpus`); returns the number set.
 
     Torch's own default is the machine's core count, which oversubscribes a container's quota
     or a host shared with other processes: each parallel region ends at a barrier, so one
     preempted thread stalls the rest (benchmarks/contention.py).
     """
-    n = threads or available_cpus()
+    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+    n = threads or (int(omp) if omp.isdigit() and int(omp) > 0 else available_cpus())
     if n < 1:
         raise ValueError(f"threads must be at least 1, got {n}")
     torch.set_num_threads(n)
