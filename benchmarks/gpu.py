@@ -498,7 +498,14 @@ def start_to_ready(sizes: list[str], args: argparse.Namespace) -> dict[str, Any]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     for start in ("first",) if args.smoke else ("first", "second"):
         t0 = time.perf_counter()
-        p = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)  # nosec B603
+        left = max(30.0, args.deadline - t0)
+        try:
+            p = subprocess.run(  # nosec B603 — this script, with its own arguments
+                cmd, capture_output=True, text=True, env=env, check=False, timeout=left
+            )
+        except subprocess.TimeoutExpired:
+            out[start] = {"error": f"not ready within the {left:.0f} s left of the time budget"}
+            break
         wall = time.perf_counter() - t0
         if p.returncode != 0:
             out[start] = {"error": p.stderr[-2000:]}
