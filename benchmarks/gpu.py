@@ -37,8 +37,6 @@ from typing import Any
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a plain script
-
 from benchmarks.common import ESM2_CONFIGS, ESM2_SIZES, RESULTS, machine, uniref
 from models.artifact import Artifact, save_artifact
 from models.batching import bucket_tokens, plan_batches, plan_packed
@@ -481,7 +479,8 @@ def start_to_ready(sizes: list[str], args: argparse.Namespace) -> dict[str, Any]
     }
     cmd = [
         sys.executable,
-        str(Path(__file__).resolve()),
+        "-m",
+        "benchmarks.gpu",
         "--ready-probe",
         str(art_path),
         "--device",
@@ -501,7 +500,13 @@ def start_to_ready(sizes: list[str], args: argparse.Namespace) -> dict[str, Any]
         left = max(30.0, args.deadline - t0)
         try:
             p = subprocess.run(  # nosec B603 — this script, with its own arguments
-                cmd, capture_output=True, text=True, env=env, check=False, timeout=left
+                cmd,
+                capture_output=True,
+                text=True,
+                env=env,
+                check=False,
+                timeout=left,
+                cwd=Path(__file__).resolve().parents[1],
             )
         except subprocess.TimeoutExpired:
             out[start] = {"error": f"not ready within the {left:.0f} s left of the time budget"}

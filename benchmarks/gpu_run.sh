@@ -2,7 +2,7 @@
 # Issue 17 on a GPU, in one command of under 10 minutes (sized for one H100 / H200):
 #   1. the CUDA tests: packed FlashAttention-varlen batches vs padded SDPA, pinned pipelined
 #      copies vs the CPU results, compiled levels without recompiles, real OOM split and retry;
-#   2. benchmarks/gpu.py, every arm of the target table, JSON written after each arm.
+#   2. python -m benchmarks.gpu, every arm of the target table, JSON written after each arm.
 #
 # Here, once (copies the data the tests and the benchmark read into .gpu/, which git ignores):
 #   benchmarks/gpu_run.sh --prepare
@@ -40,6 +40,6 @@ timeout 200 $py -m pytest -q -s -p no:cacheprovider tests/test_cuda.py 2>&1 | te
 
 # 2. Every arm; each one is skipped, and says so in the JSON, when the time budget is spent.
 left=$((560 - (SECONDS - t0)))
-timeout $((left + 20)) $py benchmarks/gpu.py --time-budget "$((left - 15))" --out "$out/gpu.json" \
+timeout $((left + 20)) $py -m benchmarks.gpu --time-budget "$((left - 15))" --out "$out/gpu.json" \
     2>&1 | tee "$out/gpu.log"
 echo "gpu_run.sh: $((SECONDS - t0)) s"

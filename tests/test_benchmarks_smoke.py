@@ -10,13 +10,13 @@ from tests.procs import REPO
 
 
 def run_script(*args: str) -> None:
-    """A benchmark script as a plain `python benchmarks/…` process; raises if it fails."""
+    """A benchmark as a `python -m benchmarks.…` process from the checkout; raises if it fails."""
     subprocess.run([sys.executable, *args], cwd=REPO, check=True, capture_output=True, timeout=300)
 
 
 def test_gpu_script_smoke(tmp_path):
     out = tmp_path / "gpu.json"
-    run_script("benchmarks/gpu.py", "--smoke", "--out", str(out))
+    run_script("-m", "benchmarks.gpu", "--smoke", "--out", str(out))
     res = json.loads(out.read_text())
     # Every row of issue 17's target table has its arm (numbers unchecked: tiny models, CPU).
     assert set(res["precision"]["per_residue"]) == {"8M", "35M", "150M"}
@@ -57,7 +57,7 @@ def test_benchmark_suite_quick(tmp_path):
 
 
 def test_contention_script_quick(tmp_path):
-    run_script("benchmarks/contention.py", "--quick", "--results-dir", str(tmp_path))
+    run_script("-m", "benchmarks.contention", "--quick", "--results-dir", str(tmp_path))
     res = json.loads((tmp_path / "contention-quick.json").read_text())
     noise = ("none", "17% of a core", "33% of a core")
     assert set(res["residues_per_s"]) == {
@@ -69,7 +69,7 @@ def test_contention_script_quick(tmp_path):
 
 def test_first_contact_script(tmp_path, unirep_cache):
     run_script(
-        "benchmarks/first_contact.py", "--reps", "1", "--fit", "", "--cache-dir", str(unirep_cache),
+        "-m", "benchmarks.first_contact", "--reps", "1", "--fit", "", "--cache-dir", str(unirep_cache),
         "--results-dir", str(tmp_path),
     )  # fmt: skip
     res = json.loads((tmp_path / "first_contact.json").read_text())
