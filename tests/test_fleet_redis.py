@@ -234,6 +234,7 @@ def test_api_replicas_serve_any_request_and_a_dead_ones_keys_expire(
             time.sleep(0.5)
         assert not left, left
         grown = set(r.keys(f"{prefix}:*")) - baseline - live - _cache_keys(r, prefix)
+        grown = {k for k in grown if not k.endswith(b":deadcheck")}  # a lock of 0.5 s
         assert not grown, grown
     finally:
         for p in extra:
