@@ -69,8 +69,8 @@ def test_contention_script_quick(tmp_path):
 
 def test_first_contact_script(tmp_path, unirep_cache):
     run_script(
-        "-m", "benchmarks.first_contact", "--reps", "1", "--fit", "", "--cache-dir", str(unirep_cache),
-        "--results-dir", str(tmp_path),
+        "-m", "benchmarks.first_contact", "--reps", "1", "--fit", "",
+        "--cache-dir", str(unirep_cache), "--results-dir", str(tmp_path),
     )  # fmt: skip
     res = json.loads((tmp_path / "first_contact.json").read_text())
     assert res["shipped"]["median"] > 0 and res["fit_on_start"] == {}
