@@ -53,11 +53,13 @@ def comparisons(dims: Sequence[int], baselines: bool = False) -> list[tuple[str,
 
 
 def headline_pairs(ev: Evaluation) -> list[tuple[str, str]]:
-    """The comparisons a reader asks about first: RD vs raw and vs both baselines at d_n."""
-    d = ev.dims[-1]
-    pairs = [(f"rd-{x}", f"raw-{x}") for x in ev.dims[1:]]
-    if ev.baselines is not None:
-        pairs += [(f"rd-{d}", f"{CONCAT}-{d}"), (f"rd-{d}", f"{TOP}-{d}")]
+    """The comparisons a reader asks about first: at every level dim above the first, RD vs raw
+    and vs both baselines."""
+    pairs = []
+    for d in ev.dims[1:]:
+        pairs.append((f"rd-{d}", f"raw-{d}"))
+        if ev.baselines is not None:
+            pairs += [(f"rd-{d}", f"{CONCAT}-{d}"), (f"rd-{d}", f"{TOP}-{d}")]
     return pairs
 
 
@@ -374,14 +376,18 @@ def markdown(
     return "\n".join(lines) + "\n"
 
 
-def _scheme_axes(n: int, width: float, height: float) -> tuple[Any, Any, list[Any]]:
-    """(pyplot, figure, one axis per scheme) on the Agg backend."""
+def _scheme_axes(
+    n: int, width: float, height: float, sharex: bool = False
+) -> tuple[Any, Any, list[Any]]:
+    """(pyplot, figure, one axis per scheme, sharing the y axis) on the Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, n, figsize=(width * n, height), dpi=110, sharey=True, squeeze=False)
+    fig, axes = plt.subplots(
+        1, n, figsize=(width * n, height), dpi=110, sharex=sharex, sharey=True, squeeze=False
+    )
     return plt, fig, list(axes[0])
 
 
@@ -443,9 +449,10 @@ def plot(ev: Evaluation, title: str, path: Path) -> None:
         ax.set_title(scheme.value, fontsize=9)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f"mean Spearman ρ ({len(ev.results)} assays)")
-    axes[-1].legend(loc="lower right", fontsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path)
     plt.close(fig)
 
@@ -454,7 +461,7 @@ def paired_plot(ev: Evaluation, path: Path) -> None:
     """Per-assay Δρ of the headline comparisons, per scheme: one dot per assay, the mean and its
     bootstrap CI as a bar."""
     pairs = headline_pairs(ev)
-    plt, fig, axes = _scheme_axes(len(ev.schemes), 4.2, 0.9 + 0.55 * len(pairs))
+    plt, fig, axes = _scheme_axes(len(ev.schemes), 4.2, 1.2 + 0.55 * len(pairs), sharex=True)
     rng = np.random.default_rng(0)
     for ax, scheme in zip(axes, ev.schemes, strict=True):
         for y, (a, b) in enumerate(pairs):
