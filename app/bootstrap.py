@@ -238,6 +238,7 @@ def distributed_service(
         len(artifact.levels),
         settings.max_queue,
         settings.redis_reply_ttl_s,
+        settings.worker_wake_s,
     )
     cache = RedisCache(
         cache_client,

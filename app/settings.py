@@ -191,6 +191,12 @@ class Settings(BaseSettings):
         description="An API process's reply stream outlives the process by at most this long "
         "(it renews the TTL while it lives).",
     )
+    worker_wake_s: float = Field(
+        0.0,
+        ge=0,
+        description="Scale to zero: with no live worker, queue a request and wait this long for "
+        "one to start (the autoscaler's cold start); 0 answers 503 no_worker at once.",
+    )
     worker_id: str | None = Field(
         None,
         description="Worker name (default host-pid); each start adds a nonce to it, so a "

@@ -6,6 +6,7 @@ import io
 import socket
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -228,6 +229,48 @@ def test_no_worker_gives_503(private_redis, tiny_artifact, tmp_path):
         assert r.status_code == 503 and r.json()["error"]["code"] == "no_worker"
     finally:
         api.stop()
+        clear_prefix(private_redis.url, p)
+
+
+def test_scale_to_zero_queues_a_request_until_a_worker_starts(
+    private_redis, tiny_artifact, tmp_path, make_app
+):
+    """RDSERVE_WORKER_WAKE_S: with no worker the API is idle (200), queues the request (the
+    backlog KEDA reads) and answers it once a worker has started."""
+    p = f"rdserve-test-{uuid.uuid4().hex[:8]}"
+    c = Cluster(
+        cluster_env(private_redis.url, tiny_artifact, p, RDSERVE_WORKER_WAKE_S="120"), tmp_path
+    )
+    try:
+        ready = wait_http(f"{c.base}/health/ready", c.api).json()
+        assert (ready["status"], ready["reason"], ready["workers"]) == ("idle", "no_worker", 0)
+        sha = httpx.get(f"{c.base}/info", timeout=5).json()["artifact_sha256"]
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(
+                httpx.post,
+                f"{c.base}/v1/embeddings",
+                json={"input": ["MKTAYIAK", "GSHMLE"], "dimensions": 64},
+                timeout=150,
+            )
+            r = redis.Redis.from_url(private_redis.url)
+            deadline = time.monotonic() + 30
+            while r.xlen(tasks_key(p, sha)) == 0:  # queued with nobody to take it
+                assert time.monotonic() < deadline and not answer.done()
+                time.sleep(0.1)
+            c.worker("w1")  # what the autoscaler does on seeing the backlog
+            got = answer.result()
+        assert got.status_code == 200, got.text
+        app, _ = make_app()
+        with app:
+            wait_ready(app)
+            want = app.post(
+                "/v1/embeddings", json={"input": ["MKTAYIAK", "GSHMLE"], "dimensions": 64}
+            ).json()["data"]
+        for g, w in zip(got.json()["data"], want, strict=True):
+            np.testing.assert_allclose(g["embedding"], w["embedding"], atol=1e-5)
+        c.wait_workers(1)
+    finally:
+        c.close()
         clear_prefix(private_redis.url, p)
 
 

@@ -171,10 +171,11 @@ class Readiness(BaseModel):
     """GET /health/ready (levels and error details only with a valid API key, when keys are
     configured: they name model paths and hosts)."""
 
-    status: Literal["ready", "warming", "unavailable"] = Field(
+    status: Literal["ready", "warming", "idle", "unavailable"] = Field(
         ...,
-        description="ready; warming (a live worker is loading); unavailable (no live worker, "
-        "no queue, or a fatal error: see reason).",
+        description="ready; warming (a live worker is loading); idle (200: no worker, but "
+        "requests are queued for one to start, RDSERVE_WORKER_WAKE_S); unavailable (no live "
+        "worker, no queue, or a fatal error: see reason).",
     )
     ready_up_to_dimensions: int = Field(..., description="Largest k servable right now (0: none).")
     mode: Literal["embedded", "distributed"] = Field(..., description="Where workers run.")

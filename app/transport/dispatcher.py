@@ -92,6 +92,7 @@ class RedisDispatcher:
         n_levels: int,
         max_queue: int,
         reply_ttl_s: float = REPLY_TTL_S,
+        wake_s: float = 0.0,
     ) -> None:
         self.r = client
         self.prefix = prefix
@@ -102,6 +103,9 @@ class RedisDispatcher:
         self.max_queue = max_queue
         self.reply_key = new_reply_key(prefix)
         self.reply_ttl_s = reply_ttl_s  # our reply stream outlives us by this much at most
+        # Scale to zero: with no live worker a task is queued anyway (its backlog is what wakes
+        # the autoscaler) and waits this long for a worker to come up; 0 refuses it at once.
+        self.wake_s = wake_s
         self._inflight: dict[str, _InFlight] = {}
         self._delivered: OrderedDict[str, None] = OrderedDict()  # recent ids: spot duplicates
         self._reader: asyncio.Task | None = None
@@ -262,7 +266,7 @@ class RedisDispatcher:
         st = await self.status()
         if not st.queue_ok:
             raise QueueUnavailableError(st.error or "redis unavailable")
-        if st.workers == 0:
+        if st.workers == 0 and not self.wake_s:
             raise NoWorkerError(st.error or "no live worker serves this artifact")
         task.reply_to = self.reply_key
         stream = self.bulk_stream if task.bulk else self.stream
@@ -318,9 +322,10 @@ class RedisDispatcher:
 
     async def _wait(self, flight: _InFlight, deadline: float) -> TaskResult:
         """The reply; NoWorkerError once no worker has been alive or loading for
-        NO_WORKER_GRACE_S (the one computing it died and nobody can take it over; one that is
-        loading, e.g. the dead one restarted, will), TimeoutError at the deadline,
-        ShuttingDownError at the shutdown cut."""
+        NO_WORKER_GRACE_S, or wake_s when longer (the one computing it died and nobody can take
+        it over; one that is loading, e.g. the dead one restarted, will), TimeoutError at the
+        deadline, ShuttingDownError at the shutdown cut."""
+        grace = max(NO_WORKER_GRACE_S, self.wake_s)
         no_worker_since: float | None = None
         while True:
             if not flight.reply.done():
@@ -332,10 +337,9 @@ class RedisDispatcher:
                 no_worker_since = None
                 continue
             no_worker_since = no_worker_since or time.monotonic()
-            if time.monotonic() - no_worker_since >= NO_WORKER_GRACE_S:
+            if time.monotonic() - no_worker_since >= grace:
                 raise NoWorkerError(
-                    "no worker has been alive for "
-                    f"{NO_WORKER_GRACE_S:g} s while this request waited"
+                    f"no worker has been alive for {grace:g} s while this request waited"
                     + (f" ({st.error})" if st.error else "")
                 )
 

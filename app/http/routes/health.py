@@ -22,8 +22,9 @@ async def live() -> Liveness:
     return Liveness()
 
 
-def _state(all_ready: bool, ready_dim: int, st: FleetStatus) -> tuple[str, str | None]:
-    """(status, reason): why it is not ready, the most specific cause first."""
+def _state(all_ready: bool, ready_dim: int, st: FleetStatus, wakes: bool) -> tuple[str, str | None]:
+    """(status, reason): why it is not ready, the most specific cause first. ``wakes``: the
+    fleet scales to zero, so no worker is a state to serve from (idle), not a failure."""
     if all_ready:
         return "ready", None
     if not st.queue_ok:
@@ -31,7 +32,7 @@ def _state(all_ready: bool, ready_dim: int, st: FleetStatus) -> tuple[str, str |
     if st.error and not ready_dim:
         return "unavailable", "worker_error"
     if not st.workers:
-        return "unavailable", "no_worker"
+        return ("idle" if wakes else "unavailable"), "no_worker"
     return "warming", "worker_error" if st.error else "warming"
 
 
@@ -44,12 +45,14 @@ def _state(all_ready: bool, ready_dim: int, st: FleetStatus) -> tuple[str, str |
 @router.get("/v1/health/ready", response_model=Readiness, include_in_schema=False)
 async def ready(request: Request) -> Response:
     """ready: every level is warm in a live worker; warming: a live worker is still loading;
-    unavailable: no live worker, no task queue, or a fatal worker error (``reason``). Model
-    paths and error messages (hosts, ports) are shown only with a valid key when keys are set."""
+    idle (200): no worker, but requests wait for one to start (RDSERVE_WORKER_WAKE_S);
+    unavailable: no live worker, no task queue, or a fatal worker error (``reason``). Model paths
+    and error messages (hosts, ports) are shown only with a valid key when keys are set."""
     service: EmbeddingService = request.app.state.service
     infos, ready_dim, st = await levels_info(service)
     all_ready = ready_dim == service.artifact.max_dim
-    status, reason = _state(all_ready, ready_dim, st)
+    wakes = service.dispatcher.mode == "distributed" and service.settings.worker_wake_s > 0
+    status, reason = _state(all_ready, ready_dim, st, wakes)
     body = Readiness(
         status=status,  # type: ignore[arg-type]
         ready_up_to_dimensions=ready_dim,
@@ -64,7 +67,7 @@ async def ready(request: Request) -> Response:
         elif reason == "no_worker":
             body.error = "no live worker serves this artifact"
     payload = body.model_dump(mode="json", exclude_none=True)
-    return JSONResponse(payload, status_code=200 if all_ready else 503)
+    return JSONResponse(payload, status_code=200 if status in ("ready", "idle") else 503)
 
 
 @router.get("/info", response_model=ServerInfo, summary="What this server serves and accepts.")
