@@ -13,9 +13,9 @@ weights), through rdserve's own Extractor / Embedder code paths. Arms (JSON sect
   start_to_ready  process start → every level loaded and warmed (compiled), twice on one
                   compile cache: the second start is what a restart costs
 
-    python benchmarks/gpu.py             # on a GPU (< 10 min on one H100; benchmarks/gpu_run.sh)
-    python benchmarks/gpu.py --smoke     # the same code paths on CPU in seconds (CI)
-    python benchmarks/gpu.py --extras    # also the per-level, budget-sweep and kernel tables
+    python -m benchmarks.gpu             # on a GPU (< 10 min on one H100; benchmarks/gpu_run.sh)
+    python -m benchmarks.gpu --smoke     # the same code paths on CPU in seconds (CI)
+    python -m benchmarks.gpu --extras    # also the per-level, budget-sweep and kernel tables
 """
 
 from __future__ import annotations
@@ -475,7 +475,10 @@ def start_to_ready(sizes: list[str], args: argparse.Namespace) -> dict[str, Any]
         "chain": sizes,
         "backend": args.backend,
         "budget": args.budget,
-        "note": "the first start shares the compile cache the recompiles arm filled",
+        # The recompiles arm (when it ran first, in this process) fills the same cache.
+        "first_start_cache": "warm from the recompiles arm"
+        if "recompiles" in args.arms_run
+        else "cold (a fresh cache)",
     }
     cmd = [
         sys.executable,
@@ -623,7 +626,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--point-seconds", type=float, default=8.0, help="time cap per measurement")
     ap.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
     ap.add_argument("--ready-probe", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--out", type=Path, default=RESULTS / "gpu.json")
+    ap.add_argument("--out", type=Path, default=RESULTS / "gpu-fastpath.json")
     args = ap.parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
@@ -638,14 +641,14 @@ def main(argv: list[str] | None = None) -> int:
         args.n_seqs, args.budget, args.reps, args.point_seconds = 8, 512, 1, 0.2
         args.mixed_batches, args.backend, args.sweep = 10, "eager", "512,1024"
         args.precision_chain, args.ready_chain, args.forward_sizes = "8M,35M,150M", "8M,35M", "3B"
-        if args.out == RESULTS / "gpu.json":
+        if args.out == RESULTS / "gpu-fastpath.json":
             args.out = RESULTS / "gpu-smoke.json"
     args.compile_cache = args.compile_cache or Path(tempfile.mkdtemp(prefix="rdserve-compile-"))
     args.sweep = [int(x) for x in args.sweep.split(",")]
     gpu = torch.cuda.get_device_name(0) if args.device == "cuda" else None
     args.peak = peak_tflops(gpu)
     probe = torch.zeros(1, 1, 1, 8, device=args.device, dtype=torch.bfloat16)
-    arms = set(args.arms.split(","))
+    arms = args.arms_run = set(args.arms.split(","))
     seqs = uniref(args.n_seqs, max_len=300 if args.smoke else 1022, seed=5)
     t0 = time.perf_counter()
     args.deadline = t0 + args.time_budget
