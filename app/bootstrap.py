@@ -4,6 +4,9 @@ worker and the service in either mode.  The one place that reads Settings to wir
 from __future__ import annotations
 
 import logging
+import os
+import secrets
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -210,6 +213,7 @@ def distributed_service(
     """API only: tasks over Redis Streams to `rdserve worker` processes; cache in Redis."""
     from app.transport.connect import async_client
     from app.transport.dispatcher import RedisDispatcher
+    from app.transport.leases import RedisLeases
 
     assert settings.redis_url
     auth = settings.redis_auth()
@@ -247,6 +251,8 @@ def distributed_service(
         artifact.dims,
         settings.cache_ttl_s,
     )
+    holder = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+    leases = RedisLeases(dispatch_client, settings.redis_prefix, holder, settings.job_lease_s)
     return EmbeddingService(
-        artifact, cache, dispatcher, settings, family_selection, settings.token_budget
+        artifact, cache, dispatcher, settings, family_selection, settings.token_budget, leases
     )

@@ -35,3 +35,27 @@ def test_the_distributed_api_wiring_does_not_import_torch(tiny_artifact):
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)
+
+
+def test_rooms_import_only_downwards():
+    """docs/design.md's rules: models/ never imports app/; the core never imports the HTTP room
+    or the transport (they import it, and bootstrap wires them together)."""
+    import ast
+
+    def imports(path):
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                yield from (a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                yield node.module
+
+    rules = {"models": ("app",), "app/core": ("app.http", "app.transport", "app.cli")}
+    broken = [
+        f"{path.relative_to(REPO)} imports {name}"
+        for room, banned in rules.items()
+        for path in sorted((REPO / room).rglob("*.py"))
+        for name in imports(path)
+        if any(name == b or name.startswith(b + ".") for b in banned)
+    ]
+    assert not broken, broken

@@ -17,6 +17,7 @@ from app import metrics as m
 from app.core.cache import Cache, CacheEntry, cache_key, cache_namespace
 from app.core.dispatch import Dispatcher, DispatchError
 from app.core.errors import APIError
+from app.core.jobs.leases import Leases
 from app.core.query import EmbedQuery, check_query
 from app.core.tasks import ItemResult, Task, WorkItem
 from app.settings import Settings
@@ -71,6 +72,7 @@ class EmbeddingService:
         settings: Settings,
         family_selection: str = "configured",
         token_budget: int | None = None,
+        job_leases: Leases | None = None,
     ) -> None:
         self.artifact = artifact
         self.family_selection = family_selection  # how the family was chosen, for /info
@@ -78,6 +80,8 @@ class EmbeddingService:
         self.cache = cache
         self.dispatcher = dispatcher
         self.settings = settings
+        # Who drives which bulk job, shared by the API processes (None: this process alone).
+        self.job_leases = job_leases
         self.family = family_spec(artifact.family)
         self.namespace = cache_namespace(artifact)
 

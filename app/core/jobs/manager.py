@@ -12,9 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import secrets
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -22,7 +19,7 @@ from dataclasses import dataclass
 from app import metrics as m
 from app.core.errors import APIError
 from app.core.jobs.intake import Intake, IntakeLimits
-from app.core.jobs.leases import Leases, LocalLeases, RedisLeases
+from app.core.jobs.leases import Leases, LocalLeases
 from app.core.jobs.model import JobOptions, JobSpec, JobState, JobStatus, new_job_id
 from app.core.jobs.results import FORMATS
 from app.core.jobs.runner import JobContext, JobRunner, JobStopped
@@ -70,31 +67,14 @@ class JobManager:
         self._crashes: dict[str, int] = {}
         self._loop: asyncio.Task | None = None
         self._swept = 0.0
-        self._closers: list[Callable[[], Awaitable[None]]] = []  # what stop() closes
 
     @classmethod
     def create(cls, service: EmbeddingService) -> JobManager:
-        """The store and leases the settings name: Redis leases in distributed mode."""
+        """The store the settings name, with the service's leases (Redis leases in distributed
+        mode, set up by app.bootstrap)."""
         s = service.settings
         store = ResultStore(s.job_store or str(s.data_dir / "jobs"))
-        holder = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
-        leases: Leases
-        if s.redis_url:
-            from app.transport.connect import async_client
-
-            client = async_client(
-                s.redis_url,
-                s.redis_auth(),
-                max_connections=8,
-                wait_s=5,
-                timeout_s=5,
-                connect_timeout_s=2,
-            )
-            leases = RedisLeases(client, s.redis_prefix, holder, s.job_lease_s)
-            manager = cls(service, store, leases)
-            manager._closers.append(client.aclose)
-            return manager
-        return cls(service, store, LocalLeases(s.job_lease_s))
+        return cls(service, store, service.job_leases or LocalLeases(s.job_lease_s))
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -108,9 +88,6 @@ class JobManager:
         for t in tasks:
             with contextlib.suppress(BaseException):
                 await t
-        for close in self._closers:
-            with contextlib.suppress(Exception):
-                await close()
 
     # -- create ---------------------------------------------------------------------------------
     def _limits(self, opt: JobOptions, k: int) -> IntakeLimits:
