@@ -204,7 +204,7 @@ class Settings(BaseSettings):
     )
     heartbeat_s: float = Field(2.0, gt=0, description="Worker heartbeat period.")
     claim_idle_s: float = Field(
-        300.0, gt=0, description="Reclaim jobs a dead worker left pending after this long."
+        300.0, gt=0, description="Reclaim tasks a dead worker left pending after this long."
     )
 
     # HTTP

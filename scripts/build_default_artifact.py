@@ -2,8 +2,8 @@
 the packaged 1,000 UniRef90 sequences, so that the offline default serves within seconds instead
 of fitting for minutes on first start.
 
-    python scripts/build_default_artifact.py            # writes models/data/<name>.safetensors
-    python scripts/build_default_artifact.py --check    # rebuilds into a temp dir: same bytes?
+    python -m scripts.build_default_artifact            # writes models/data/<name>.safetensors
+    python -m scripts.build_default_artifact --check    # rebuilds into a temp dir: same bytes?
 
 Every setting that shapes the bytes is pinned here: the family's default chain and CPU token
 budget, float32 on the CPU, one thread (BLAS blocking depends on the thread count), the packaged
@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a plain script
 
 FAMILY = "unirep"
 FIT_SEQUENCES = 1000

@@ -59,7 +59,7 @@ def job(id_, art, seqs, stop, deadline=None):
     return make_task(id_, art.sha256, [WorkItem(s, 0, stop) for s in seqs], deadline)
 
 
-def test_small_k_jobs_are_answered_before_larger_models_run(worker_and_events):
+def test_small_k_tasks_are_answered_before_larger_models_run(worker_and_events):
     make, events, art = worker_and_events
     big = job("big", art, ["MKTAYIAKQRQ", "GSHMLEDPV"], stop=2)
     small = job("small", art, ["MVLSPADKTNV"], stop=0)
@@ -70,7 +70,7 @@ def test_small_k_jobs_are_answered_before_larger_models_run(worker_and_events):
     assert ("reply", "big", None) in events
 
 
-def test_a_job_is_answered_when_its_own_batch_is_done(worker_and_events):
+def test_a_task_is_answered_when_its_own_batch_is_done(worker_and_events):
     make, events, art = worker_and_events
     # Two single-sequence jobs, drained together, planned together (longest first), run as
     # separate batches: the first job's reply must precede the second batch's forward.
@@ -82,7 +82,7 @@ def test_a_job_is_answered_when_its_own_batch_is_done(worker_and_events):
     assert kinds == [("forward", 0), ("reply", "long"), ("forward", 0), ("reply", "short")]
 
 
-def test_expired_and_foreign_jobs_are_refused_not_computed(worker_and_events):
+def test_expired_and_foreign_tasks_are_refused_not_computed(worker_and_events):
     make, events, art = worker_and_events
     old = job("old", art, ["MKV"], stop=0, deadline=time.time() - 1)
     alien = make_task("alien", "0" * 64, [WorkItem("MKV", 0, 0)], time.time() + 60)
