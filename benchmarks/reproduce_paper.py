@@ -1,6 +1,6 @@
 """Does this reproduce the paper? One command: fit RD on ESM-2 and print the win-rate table.
 
-    python benchmarks/reproduce_paper.py \\
+    python -m benchmarks.reproduce_paper \\
         --assays ../shared/data/proteingym/v1_cv_folds_singles \\
         --fasta ../shared/data/sequences/uniref90_sample_10k.fasta \\
         --out-dir benchmarks/results/reproduce-esm2 --device cuda
@@ -189,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         baselines=baselines,
         baseline_fit=baseline_fit,
     )
-    command = "python benchmarks/reproduce_paper.py " + " ".join(
+    command = "python -m benchmarks.reproduce_paper " + " ".join(
         sys.argv[1:] if argv is None else argv
     )
     write_reports(ev, artifact, art_path, out, "proteingym", [command])

