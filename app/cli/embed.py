@@ -143,7 +143,11 @@ def embed(
         with progress("embed", len(seqs), sum(map(len, seqs))) as advance:
             for lo in range(0, len(seqs), SLICE):
                 part = seqs[lo : lo + SLICE]
-                for done in embedder.iter_compute(part, stop, 0, pooling, long_sequence_policy):
+                # k: only the dims asked for are projected and copied off the device
+                batches = embedder.iter_compute(
+                    part, stop, 0, pooling, long_sequence_policy, k=dimensions
+                )
+                for done in batches:
                     for i, item in done:
                         if isinstance(item, ItemFailure):
                             raise ValueError(

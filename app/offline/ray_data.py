@@ -141,7 +141,12 @@ class EmbedShards:
         seqs = [s for _, s in recs]
         vectors: list[np.ndarray | None] = [None] * len(seqs)
         for batch in self.embedder.iter_compute(
-            seqs, self.stop, 0, Pooling(opt.pooling), LongSequencePolicy(opt.policy)
+            seqs,
+            self.stop,
+            0,
+            Pooling(opt.pooling),
+            LongSequencePolicy(opt.policy),
+            k=opt.dimensions,  # only the dims asked for are projected and copied off the device
         ):
             for i, item in batch:
                 if isinstance(item, ItemFailure):
