@@ -194,8 +194,9 @@ class Settings(BaseSettings):
     worker_wake_s: float = Field(
         0.0,
         ge=0,
-        description="Scale to zero: with no live worker, queue a request and wait this long for "
-        "one to start (the autoscaler's cold start); 0 answers 503 no_worker at once.",
+        description="Scale to zero: with no live worker, queue a request and wait this long (at "
+        "least 5 s, below request_timeout_s) for one to start (the autoscaler's cold start); 0 "
+        "answers 503 no_worker at once.",
     )
     worker_id: str | None = Field(
         None,
@@ -250,6 +251,12 @@ class Settings(BaseSettings):
         if self.models is not None and not self.model_list:
             raise ValueError("models must name at least one model")
         self.keys()  # a configured but empty or unreadable key list is an error at start-up
+        if self.worker_wake_s >= self.request_timeout_s:
+            # The request's deadline would end the wait first: a 504 nobody retries.
+            raise ValueError(
+                f"worker_wake_s ({self.worker_wake_s:g} s) must be below request_timeout_s "
+                f"({self.request_timeout_s:g} s): a request waits for a worker within its deadline"
+            )
         return self
 
     @property

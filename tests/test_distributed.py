@@ -239,7 +239,7 @@ def test_scale_to_zero_queues_a_request_until_a_worker_starts(
     backlog KEDA reads) and answers it once a worker has started."""
     p = f"rdserve-test-{uuid.uuid4().hex[:8]}"
     c = Cluster(
-        cluster_env(private_redis.url, tiny_artifact, p, RDSERVE_WORKER_WAKE_S="120"), tmp_path
+        cluster_env(private_redis.url, tiny_artifact, p, RDSERVE_WORKER_WAKE_S="60"), tmp_path
     )
     try:
         ready = wait_http(f"{c.base}/health/ready", c.api).json()
@@ -257,6 +257,9 @@ def test_scale_to_zero_queues_a_request_until_a_worker_starts(
             while r.xlen(tasks_key(p, sha)) == 0:  # queued with nobody to take it
                 assert time.monotonic() < deadline and not answer.done()
                 time.sleep(0.1)
+            # What an HPA on Prometheus metrics reads instead of Redis: one task waiting.
+            with httpx.Client(base_url=c.base, timeout=5) as api:
+                assert metric(api, "rdserve_queue_lag", queue="tasks") == 1
             c.worker("w1")  # what the autoscaler does on seeing the backlog
             got = answer.result()
         assert got.status_code == 200, got.text
@@ -272,6 +275,15 @@ def test_scale_to_zero_queues_a_request_until_a_worker_starts(
     finally:
         c.close()
         clear_prefix(private_redis.url, p)
+
+
+def test_a_wake_time_must_fit_in_the_request_deadline():
+    """Waiting for a worker past the request's deadline would end in a 504 nobody retries."""
+    from app.settings import Settings
+
+    with pytest.raises(ValueError, match=r"worker_wake_s .* must be below request_timeout_s"):
+        Settings(worker_wake_s=120, request_timeout_s=120)
+    assert Settings(worker_wake_s=60, request_timeout_s=120).worker_wake_s == 60
 
 
 def test_stale_jobs_of_a_dead_worker_are_claimed(private_redis, tiny_artifact):

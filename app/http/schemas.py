@@ -182,7 +182,8 @@ class Readiness(BaseModel):
     workers: int = Field(..., description="Live workers serving this artifact.")
     reason: str | None = Field(
         None,
-        description="Why it is not ready: warming, no_worker, queue_unavailable or worker_error.",
+        description="Why it is not ready (or idle): warming, no_worker, queue_unavailable or "
+        "worker_error.",
     )
     levels: list[LevelInfo] | None = Field(None, description="Per-level readiness.")
     error: str | None = Field(None, description="The failure's message, when one is known.")

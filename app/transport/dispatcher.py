@@ -126,6 +126,8 @@ class RedisDispatcher:
                 await self._reader
         with contextlib.suppress(Exception):
             await self.r.delete(self.reply_key)
+        with contextlib.suppress(Exception):  # also the job leases' client (app.bootstrap)
+            await self.r.aclose()
 
     def drain(self, cut_at: float, window_s: float) -> None:
         self._drain.begin(cut_at, window_s)
@@ -266,7 +268,8 @@ class RedisDispatcher:
         st = await self.status()
         if not st.queue_ok:
             raise QueueUnavailableError(st.error or "redis unavailable")
-        if st.workers == 0 and not self.wake_s:
+        # With wake_s a fleet at zero is expected to start one; a known fatal error is not.
+        if st.workers == 0 and (not self.wake_s or (st.error and not st.starting)):
             raise NoWorkerError(st.error or "no live worker serves this artifact")
         task.reply_to = self.reply_key
         stream = self.bulk_stream if task.bulk else self.stream

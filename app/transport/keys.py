@@ -20,7 +20,7 @@ several of them (XREADGROUP over both streams, MGET of marks and heartbeats) wor
 <p>:{<sha12>}:deadcheck        short lock: one worker of the fleet per interval looks for dead ones
 <p>:replies:<api>              stream of packed TaskResults for one API process (its TTL is
                                renewed while the process lives: a dead one's expires)
-<p>:joblease:<job>             which API process drives a bulk job (``app.core.jobs.leases``)
+<p>:joblease:<job>             which API process drives a bulk job (``app.transport.leases``)
 
 A worker process's consumer name is ``<worker id>/<start nonce>``: fresh at every start, so a
 worker restarted under the same id (a container's PID 1 under ``restart: unless-stopped``) is a
