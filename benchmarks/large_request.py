@@ -1,7 +1,10 @@
-"""Large valid requests (issue 13, item 9): two 100k-residue sequences per residue (chunk
-policy, k = 64) against an API + worker + Redis of real processes (tiny chain). As JSON the
-request is refused before any work (413, the estimated response is over max_output_bytes); as
-.npz it is served and streamed. Peak RSS of the API and the worker, and Redis' peak memory.
+"""Large requests against an API + worker + Redis of real processes (tiny chain).
+
+Issue 13, item 8: ten 16 MiB bodies POSTed at once to /health/live, which takes none: refused
+before they are read; the API's peak RSS. Item 9: two 100k-residue sequences per residue (chunk
+policy, k = 64). As JSON the request is refused before any work (413, the estimated response is
+over max_output_bytes); as .npz it is served and streamed. Peak RSS of the API and the worker,
+and Redis' peak memory.
 
     python -m benchmarks.large_request        # → benchmarks/results/large_request.json
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +40,30 @@ class Peak(threading.Thread):
             time.sleep(0.02)
 
 
+def health_bodies(base: str, api_pid: int, n: int = 10, mib: int = 16) -> dict[str, Any]:
+    """n bodies of `mib` MiB POSTed at once to /health/live: statuses and the API's peak RSS."""
+
+    def post(_: int) -> str:
+        try:
+            r = httpx.post(f"{base}/health/live", content=b"x" * (mib * 2**20), timeout=60)
+            return str(r.status_code)
+        except httpx.HTTPError as e:  # refused mid-upload: the server closed the connection
+            return type(e).__name__
+
+    before = process_rss_mb(api_pid)
+    peak = Peak({"api": api_pid})
+    peak.start()
+    with ThreadPoolExecutor(n) as pool:
+        got = list(pool.map(post, range(n)))
+    peak.stop.set()
+    peak.join()
+    return {
+        "bodies": f"{n} × {mib} MiB at once",
+        "outcomes": {o: got.count(o) for o in sorted(set(got))},
+        "api_rss_mb": {"before": before, "peak": peak.peak["api"]},
+    }
+
+
 def run() -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="rdserve-bench-large-"))
     _, _, art = served_artifact([str(tiny_esm2(h)) for h in (32, 48, 64)])
@@ -55,6 +83,7 @@ def run() -> dict[str, Any]:
         c.wait_workers(1)
         pids = {"api": c.api.p.pid, "worker": c.workers["w1"].p.pid}
         out["rss_before_mb"] = {n: process_rss_mb(p) for n, p in pids.items()}
+        out["health_bodies"] = health_bodies(c.base, pids["api"])
         r = httpx.post(f"{c.base}/v1/embeddings", json=body, timeout=600)
         out["json"] = {"status": r.status_code, "code": r.json()["error"]["code"]}
         peak = Peak(pids)
