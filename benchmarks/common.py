@@ -8,6 +8,7 @@ import platform
 import random
 import statistics
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -133,6 +134,27 @@ def process_rss_mb(pid: int) -> float | None:
     except (OSError, StopIteration):  # gone, or a zombie (which has no VmRSS line)
         return None
     return kb / 1024
+
+
+class PeakRss(threading.Thread):
+    """Peak resident memory (MiB) of named processes, sampled every 20 ms from start() to
+    stop(), which returns the peaks."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        super().__init__(daemon=True)
+        self.pids, self.peak = pids, dict.fromkeys(pids, 0.0)
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.is_set():
+            for name, pid in self.pids.items():
+                self.peak[name] = max(self.peak[name], process_rss_mb(pid) or 0.0)
+            time.sleep(0.02)
+
+    def stop(self) -> dict[str, float]:
+        self._done.set()
+        self.join()
+        return self.peak
 
 
 def machine() -> dict[str, Any]:

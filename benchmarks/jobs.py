@@ -19,7 +19,6 @@ import asyncio
 import random
 import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ import redis
 
 from benchmarks import loadgen
 from benchmarks.common import (
+    PeakRss,
     process_rss_mb,
     random_esm2,
     save,
@@ -158,23 +158,6 @@ def latencies(base: str, bodies: list[dict], rate: float) -> dict[str, float]:
     }
 
 
-class RssSampler(threading.Thread):
-    def __init__(self, pid: int) -> None:
-        super().__init__(daemon=True)
-        self.pid, self.samples, self.stop = pid, [], threading.Event()
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            if (mb := process_rss_mb(self.pid)) is not None:
-                self.samples.append(mb)
-            time.sleep(0.02)
-
-    def peak(self) -> float:
-        self.stop.set()
-        self.join()
-        return max(self.samples)
-
-
 def memory(fleet: Fleet, tmp: Path, k: int, upload_mb: int, result_mb: int) -> dict[str, Any]:
     """API RSS: baseline, peak while a large FASTA uploads, peak while a large result downloads."""
     pid = fleet.c.api.p.pid
@@ -186,10 +169,10 @@ def memory(fleet: Fleet, tmp: Path, k: int, upload_mb: int, result_mb: int) -> d
             fh.write(f">u{i}\n{''.join(rng.choice(list(AA), 300))}\n")
             i += 1
     base_rss = process_rss_mb(pid)
-    s = RssSampler(pid)
+    s = PeakRss({"api": pid})
     s.start()
     job = submit(fleet.base, big, dimensions=k)
-    upload_peak = s.peak()
+    upload_peak = s.stop()["api"]
     httpx.delete(f"{fleet.base}/v1/jobs/{job}", timeout=60)
     # A per-residue result of ~result_mb: residues × width × 4 bytes.
     width = max(lv["dim"] for lv in httpx.get(f"{fleet.base}/info").json()["levels"])
@@ -199,13 +182,13 @@ def memory(fleet: Fleet, tmp: Path, k: int, upload_mb: int, result_mb: int) -> d
     j = wait(fleet.base, job)
     assert j["status"] == "succeeded", j
     before_dl = process_rss_mb(pid)
-    s = RssSampler(pid)
+    s = PeakRss({"api": pid})
     s.start()
     got = 0
     with httpx.stream("GET", f"{fleet.base}/v1/jobs/{job}/result", timeout=600) as r:
         for piece in r.iter_bytes(2**20):
             got += len(piece)
-    download_peak = s.peak()
+    download_peak = s.stop()["api"]
     return {
         "upload_bytes": big.stat().st_size,
         "upload_records": i,

@@ -12,7 +12,6 @@ and Redis' peak memory.
 from __future__ import annotations
 
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,23 +20,10 @@ from typing import Any
 import httpx
 import numpy as np
 
-from benchmarks.common import process_rss_mb, save, tiny_esm2
+from benchmarks.common import PeakRss, process_rss_mb, save, tiny_esm2
 from benchmarks.service import served_artifact
 from tests.harness import Cluster, cluster_env
 from tests.procs import RedisServer
-
-
-class Peak(threading.Thread):
-    def __init__(self, pids: dict[str, int]) -> None:
-        super().__init__(daemon=True)
-        self.pids, self.peak = pids, dict.fromkeys(pids, 0.0)
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            for name, pid in self.pids.items():
-                self.peak[name] = max(self.peak[name], process_rss_mb(pid) or 0.0)
-            time.sleep(0.02)
 
 
 def health_bodies(base: str, api_pid: int, n: int = 10, mib: int = 16) -> dict[str, Any]:
@@ -51,16 +37,14 @@ def health_bodies(base: str, api_pid: int, n: int = 10, mib: int = 16) -> dict[s
             return type(e).__name__
 
     before = process_rss_mb(api_pid)
-    peak = Peak({"api": api_pid})
+    peak = PeakRss({"api": api_pid})
     peak.start()
     with ThreadPoolExecutor(n) as pool:
         got = list(pool.map(post, range(n)))
-    peak.stop.set()
-    peak.join()
     return {
         "bodies": f"{n} × {mib} MiB at once",
         "outcomes": {o: got.count(o) for o in sorted(set(got))},
-        "api_rss_mb": {"before": before, "peak": peak.peak["api"]},
+        "api_rss_mb": {"before": before, "peak": peak.stop()["api"]},
     }
 
 
@@ -86,7 +70,7 @@ def run() -> dict[str, Any]:
         out["health_bodies"] = health_bodies(c.base, pids["api"])
         r = httpx.post(f"{c.base}/v1/embeddings", json=body, timeout=600)
         out["json"] = {"status": r.status_code, "code": r.json()["error"]["code"]}
-        peak = Peak(pids)
+        peak = PeakRss(pids)
         peak.start()
         t0 = time.perf_counter()
         got = 0
@@ -100,10 +84,9 @@ def run() -> dict[str, Any]:
             status = resp.status_code
             for piece in resp.iter_bytes(2**20):
                 got += len(piece)
-        peak.stop.set()
-        peak.join()
-        out["npz"] = {"status": status, "bytes": got, "seconds": time.perf_counter() - t0}
-        out["rss_peak_mb"] = peak.peak
+        seconds = time.perf_counter() - t0
+        out["rss_peak_mb"] = peak.stop()
+        out["npz"] = {"status": status, "bytes": got, "seconds": seconds}
         out["redis_used_memory_peak_mb"] = redis.client().info("memory")["used_memory_peak"] / 2**20
     finally:
         c.close()
